@@ -1,0 +1,248 @@
+"""One config for a run: defaults, named presets, per-dataset recipes, the command-line
+flags shared by the three entry points, and validation of bad values."""
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+
+from errors import UserError
+
+DENOISERS = ("latent_unet", "unet", "attn_unet", "transformer")
+PIXEL_DENOISERS = ("unet", "attn_unet", "transformer")
+
+
+@dataclass
+class Config:
+    # --- run ---
+    dataset: str = "cifar10_catdog"
+    data_root: str | None = None
+    download: bool = False
+    image_size: int | None = None        # None: the dataset's default
+    subset: int | None = None
+    val_fraction: float = 0.1
+    attribute: str = "Smiling"
+    flowers_splits: str = "all"
+    model: str = "latent_unet"
+    results_dir: str | None = None        # None: results/<dataset>_<model>
+    preset: str = "default"
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"                     # auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | none
+    compile: bool = False
+    log_every: int = 50                   # steps between host syncs for logging
+    picture_every: int = 10               # epochs between periodic pictures
+    checkpoint_every: int = 1             # epochs between checkpoints
+    max_bad_steps: int = 10               # non-finite steps in a row before stopping
+    # --- VAE-GAN ---
+    vae_epochs: int = 1200
+    vae_batch_size: int = 128
+    vae_lr: float = 2e-4
+    vae_base_channels: int = 64
+    vae_channel_mults: tuple = (1, 2, 2)
+    vae_res_blocks: int = 1
+    latent_channels: int = 4
+    kl_weight: float = 1e-6
+    kl_start_epoch: int = 0               # stage schedule: each weight ramps linearly from 0 at its
+    kl_warmup_epochs: int = 10            # start epoch to its full value over its ramp epochs
+    perceptual_weight: float = 0.1
+    vgg_weights: str | None = None
+    classifier_weight: float = 0.1
+    center_weight: float = 0.01
+    repulsion_weight: float = 0.0
+    center_margin: float = 1.0            # repulsion pushes centers apart to margin * sqrt(latent dim)
+    class_loss_start_epoch: int = 0
+    class_loss_ramp_epochs: int = 5
+    adv_weight: float = 0.05
+    adv_start_epoch: int = 20             # discriminator switched on after this warm-up
+    adv_ramp_epochs: int = 5
+    disc_channels: int = 64
+    # --- denoiser ---
+    base_channels: int = 128
+    channel_mults: tuple = (1, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple = (8, 4)
+    num_heads: int = 4
+    dropout: float = 0.1
+    time_embed_dim: int | None = None
+    # --- diffusion ---
+    schedule: str = "cosine"
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "v"
+    loss_weighting: str = "uniform"
+    label_dropout: float = 0.1
+    # --- denoiser training ---
+    diffusion_epochs: int = 800
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    # --- sampling ---
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance_scale: float = 2.0
+    guidance_schedule: str = "constant"
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**known)
+
+    @property
+    def is_latent(self):
+        return self.model == "latent_unet"
+
+
+# Named presets: overrides applied on top of the dataset recipe.
+PRESETS = {
+    "default": {},
+    # Small widths and short runs for smoke tests on a CPU.
+    "tiny": dict(vae_base_channels=16, vae_channel_mults=(1, 2, 2), latent_channels=4, disc_channels=16,
+                 base_channels=32, channel_mults=(1, 2), num_res_blocks=1, num_heads=2,
+                 vae_batch_size=32, batch_size=32, timesteps=100, steps=10, warmup_steps=10,
+                 vae_epochs=2, diffusion_epochs=2, picture_every=1, log_every=5,
+                 kl_warmup_epochs=1, adv_start_epoch=1, ema_decay=0.9),
+    # The S1 seed's settings: 1000-step linear schedule, epsilon prediction, ancestral sampling.
+    "s1": dict(schedule="linear", prediction="eps", sampler="ddpm", steps=1000, guidance_scale=1.0,
+               vae_epochs=1200, diffusion_epochs=800),
+    # The S4 seed's pixel DDPM: beta 1e-4..0.02, 1000 steps, lr 3e-4, wd 0, batch 200, time dim 1024.
+    "s4": dict(model="unet", schedule="linear", beta_start=1e-4, beta_end=0.02, timesteps=1000,
+               prediction="eps", lr=3e-4, weight_decay=0.0, batch_size=200, time_embed_dim=1024,
+               base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(16, 8),
+               sampler="ddpm", steps=1000, guidance_scale=1.0),
+}
+
+# Per-dataset recipes: 64x64 images get one more VAE level, so the latent stays 8x8.
+DATASET_RECIPES = {
+    "celeba_smiling": dict(vae_channel_mults=(1, 2, 2, 4)),
+    "flowers102": dict(vae_channel_mults=(1, 2, 2, 4)),
+}
+
+# Per-model defaults for pixel-space denoisers.
+MODEL_RECIPES = {
+    "unet": dict(base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(), steps=50),
+    "attn_unet": dict(base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(16, 8), steps=50),
+    "transformer": dict(steps=40),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit status 2, as argparse does)."""
+
+    def error(self, message):
+        import sys
+        sys.stderr.write(f"error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def add_common_args(parser):
+    """Flags every entry point shares, with the same names everywhere."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--dataset", help="cifar10_catdog (default), cifar10, celeba_smiling, flowers102, folder")
+    g.add_argument("--data_root", help="dataset folder (default ./datasets/<dataset>)")
+    g.add_argument("--results_dir", help="the run's folder (default results/<dataset>_<model>)")
+    g.add_argument("--model", choices=DENOISERS, help="denoiser (default latent_unet)")
+    g.add_argument("--seed", type=int, help="random seed (same seed, same results)")
+    g.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    g.add_argument("--batch_size", type=int, help="batch size of the stage being run")
+    g.add_argument("--subset", type=int, help="use only the first N training images")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="named settings (tiny: CPU smoke runs)")
+    g.add_argument("--image_size", type=int, help="square image size (default: the dataset's)")
+    g.add_argument("--attribute", help="CelebA attribute for celeba_smiling (default Smiling)")
+    g.add_argument("--flowers_splits", choices=("all", "official"),
+                   help="flowers102: 'all' pools every labelled image and holds out --val_fraction "
+                        "(default); 'official' uses the 1020-image train split")
+    g.add_argument("--val_fraction", type=float, help="held-out share of train when a dataset has no "
+                                                      "validation split (default 0.1)")
+    g.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    return parser
+
+
+def add_sampling_args(parser):
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"))
+    g.add_argument("--steps", type=int, help="sampling steps (network evaluations)")
+    g.add_argument("--guidance_scale", type=float, help="classifier-free guidance; 1 = none, 0 = unconditional")
+    g.add_argument("--guidance_schedule", choices=("constant", "linear", "adaptive"))
+    return parser
+
+
+def build_config(args, base=None):
+    """Defaults -> dataset recipe -> model recipe -> preset -> explicit flags. `base` (a saved
+    run's config) replaces the first three when continuing or sampling from a run."""
+    flags = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+    if base is not None:
+        cfg = dataclasses.replace(base, **{k: v for k, v in flags.items() if k in RUNTIME_FIELDS})
+        return validate(cfg)
+    dataset = flags.get("dataset", Config.dataset)
+    preset_name = flags.get("preset", "default")
+    model = flags.get("model", PRESETS[preset_name].get("model", Config.model))
+    values = {}
+    values.update(DATASET_RECIPES.get(dataset, {}))
+    values.update(MODEL_RECIPES.get(model, {}))
+    values.update(PRESETS[preset_name])
+    values.update(flags)
+    values["preset"], values["model"] = preset_name, model
+    cfg = Config(**values)
+    if cfg.results_dir is None:
+        cfg.results_dir = os.path.join("results", f"{cfg.dataset}_{cfg.model}")
+    return validate(cfg)
+
+
+# Fields a saved run's config may have changed on the command line when it is continued or
+# sampled from (the rest define the model and must match).
+RUNTIME_FIELDS = {"results_dir", "data_root", "device", "seed", "download", "amp", "compile", "log_every",
+                  "picture_every", "checkpoint_every", "sampler", "steps", "guidance_scale",
+                  "guidance_schedule", "vae_epochs", "diffusion_epochs", "batch_size", "vae_batch_size",
+                  "lr", "vae_lr", "subset", "max_bad_steps", "vgg_weights", "perceptual_weight"}
+
+
+def validate(cfg):
+    from data import dataset_names, default_image_size  # late import: data imports nothing from here
+    checks = [
+        (cfg.dataset in dataset_names(), f"unknown dataset {cfg.dataset!r}; choose from {', '.join(dataset_names())}"),
+        (cfg.model in DENOISERS, f"unknown model {cfg.model!r}; choose from {', '.join(DENOISERS)}"),
+        (cfg.schedule in ("linear", "cosine"), f"unknown schedule {cfg.schedule!r}"),
+        (cfg.prediction in ("eps", "v", "x0"), f"unknown prediction {cfg.prediction!r}"),
+        (cfg.sampler in ("ddpm", "ddim", "dpmpp"), f"unknown sampler {cfg.sampler!r}; choose ddpm, ddim or dpmpp"),
+        (cfg.timesteps >= 2, "--timesteps must be at least 2"),
+        (1 <= cfg.steps <= cfg.timesteps, f"--steps must be between 1 and {cfg.timesteps}, got {cfg.steps}"),
+        (0 <= cfg.guidance_scale <= 50, f"--guidance_scale must be between 0 and 50, got {cfg.guidance_scale}"),
+        (cfg.batch_size > 0 and cfg.vae_batch_size > 0, "--batch_size must be positive"),
+        (cfg.lr > 0 and cfg.vae_lr > 0, "--lr must be positive"),
+        (cfg.vae_epochs >= 0 and cfg.diffusion_epochs >= 0, "epochs must not be negative"),
+        (cfg.subset is None or cfg.subset > 0, f"--subset must be positive, got {cfg.subset}"),
+        (cfg.image_size is None or cfg.image_size >= 8, f"--image_size must be at least 8, got {cfg.image_size}"),
+        (0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), got {cfg.val_fraction}"),
+        (0 <= cfg.label_dropout < 1, "--label_dropout must be in [0, 1)"),
+        (cfg.amp in ("auto", "bf16", "fp16", "none"), f"unknown --amp {cfg.amp!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    cfg.image_size = cfg.image_size or default_image_size(cfg.dataset)
+    if cfg.image_size is not None and cfg.is_latent and cfg.image_size % 2 ** (len(cfg.vae_channel_mults) - 1):
+        raise UserError(f"--image_size {cfg.image_size} is not divisible by the VAE's downsampling")
+    return cfg
+
+
+def save_config(cfg, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    os.replace(tmp, path)
+
+
+def positive_int(name, value):
+    if value is not None and value <= 0:
+        raise UserError(f"{name} must be a positive number, got {value}")
+    return value
+

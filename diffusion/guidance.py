@@ -1,0 +1,50 @@
+"""Classifier-free guidance (Ho & Salimans 2022) and guidance-scale schedules.
+
+Convention: scale w mixes out = uncond + w (cond - uncond); w = 1 is the plain conditional
+model (the unconditional branch is then not even evaluated), w = 0 the unconditional one."""
+import torch
+
+from diffusion.objective import to_x0_eps
+
+GUIDANCE_SCHEDULES = ("constant", "linear", "adaptive")
+
+
+def guidance_scale_at(scale, schedule, progress):
+    """The scale at `progress` in [0, 1] (0 = first, noisiest step). 'adaptive' is S2's:
+    half the extra guidance early, the full amount in the middle, 1.5x late; 'linear' ramps
+    the extra guidance from 0 to 2x. Both average to the constant scale over a run."""
+    extra = scale - 1.0
+    if schedule == "constant":
+        return scale
+    if schedule == "linear":
+        return 1.0 + extra * 2.0 * progress
+    if schedule == "adaptive":
+        return 1.0 + extra * (0.5 if progress < 1 / 3 else 1.0 if progress < 2 / 3 else 1.5)
+    raise ValueError(f"unknown guidance schedule {schedule!r}")
+
+
+def make_denoiser(model, schedule, prediction, labels, null_label, guidance_scale=1.0,
+                  guidance_schedule="constant", clip_x0=None, steps=None):
+    """Wrap a network model(x, t, y) into denoise(x, t) -> (x0_hat, eps_hat) with guidance.
+    `steps` (the sampler's step count) lets the scale schedule know how far along a call is."""
+    calls = {"n": 0}
+
+    def denoise(x, t):
+        progress = min(calls["n"] / max((steps or 1) - 1, 1), 1.0)
+        calls["n"] += 1
+        w = guidance_scale_at(guidance_scale, guidance_schedule, progress)
+        if w == 1.0:
+            output = model(x, t, labels).float()
+        else:
+            null = torch.full_like(labels, null_label)
+            both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float()
+            cond, uncond = both.chunk(2)
+            output = uncond + w * (cond - uncond)
+        alpha, sigma = schedule.alpha_sigma(t, x)
+        x0, eps = to_x0_eps(output, x, alpha, sigma, prediction)
+        if clip_x0 is not None:  # pixel models: keep x0_hat in the data range, re-derive eps
+            x0 = x0.clamp(-clip_x0, clip_x0)
+            eps = (x - alpha * x0) / sigma
+        return x0, eps
+
+    return denoise

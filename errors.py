@@ -1,0 +1,34 @@
+"""The one exception type that means "the user asked for something we cannot do".
+
+Entry points catch it, print its message as one line on stderr and exit with status 2.
+Everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input or a missing prerequisite, explained in one line."""
+
+
+EXIT_BAD_INPUT = 2
+EXIT_NON_FINITE = 3
+
+
+def run_main(main, argv=None):
+    """Run an entry point's main(argv): bad input -> one stderr line and exit status 2; a run
+    stopped by SIGINT/SIGTERM (checkpoint saved) -> 130/143; non-finite training -> 3."""
+    import sys
+    from training.loop import NonFiniteError, StopRequested
+    try:
+        return main(argv) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    except StopRequested as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 143 if str(e).startswith("SIGTERM") else 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

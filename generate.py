@@ -1,0 +1,74 @@
+"""Sample from a trained run: images per class, animations of the reverse process,
+evaluation (--evaluate) and classification with the denoiser itself (--classify)."""
+import os
+import sys
+
+import torch
+
+from config import ArgumentParser, add_common_args, add_sampling_args
+from data import safe_name
+from errors import UserError, run_main
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="generate.py", description=__doc__)
+    p.add_argument("--model_path", help="a denoiser checkpoint (instead of --results_dir)")
+    p.add_argument("--class_name", default="all", help="class to sample, or 'all' (default)")
+    p.add_argument("--num_samples", type=int, default=10, help="images per class (default 10)")
+    p.add_argument("--create_animation", action="store_true", help="GIF of one reverse-diffusion run")
+    p.add_argument("--evaluate", action="store_true", help="compute every metric and write eval.json")
+    p.add_argument("--classify", action="store_true", help="classify held-out real images with the denoiser")
+    p.add_argument("--output_dir", help="where images go (default <results_dir>/generated)")
+    p.add_argument("--inception_weights", help="path to pt_inception-2015-12-05-6726825d.pth for FID/KID")
+    p.add_argument("--no_fid", action="store_true", help="--evaluate without the Inception metrics")
+    add_common_args(p)
+    add_sampling_args(p)
+    args = p.parse_args(argv)
+    if args.num_samples <= 0:
+        raise UserError(f"--num_samples must be positive, got {args.num_samples}")
+    if args.steps is not None and args.steps <= 0:
+        raise UserError(f"--steps must be positive, got {args.steps}")
+    return args
+
+
+def main(argv=None):
+    from pipeline import load_pipeline
+    from training.loop import select_device
+    from viz import figures
+    args = parse_args(argv)
+    device = select_device(args.device)
+    if args.results_dir is None and args.model_path is None:
+        raise UserError("give --results_dir (a trained run's folder) or --model_path (a checkpoint)")
+    pipe = load_pipeline(args.results_dir, args.model_path, device, overrides=args)
+    run_dir = args.results_dir or os.path.dirname(os.path.abspath(args.model_path))
+    seed = pipe.cfg.seed if args.seed is None else args.seed
+    if args.evaluate:
+        from evaluation.evaluate import evaluate_run
+        evaluate_run(pipe, run_dir, args, seed)
+        return 0
+    if args.classify:
+        from evaluation.evaluate import classify_run
+        classify_run(pipe, run_dir, args, seed)
+        return 0
+    classes = (list(range(pipe.num_classes)) if args.class_name.lower() == "all"
+               else [pipe.class_index(args.class_name)])
+    if args.create_animation:
+        for c in classes[:10] if len(classes) > 10 else classes:
+            path = os.path.join(run_dir, f"diffusion_animation_{safe_name(pipe.class_names[c])}.gif")
+            figures.denoising_animation(pipe, c, path, seed=seed)
+            print(path)
+        return 0
+    out = args.output_dir or os.path.join(run_dir, "generated")
+    os.makedirs(out, exist_ok=True)
+    for c in classes:
+        name = safe_name(pipe.class_names[c])
+        images = pipe.sample_batched(torch.full((args.num_samples,), c), seed=seed)
+        figures.save_grid(images, os.path.join(out, f"{name}_grid.png"), nrow=min(10, args.num_samples))
+        figures.save_individual(images, os.path.join(out, name), name)
+        print(f"{pipe.class_names[c]}: {args.num_samples} images in {os.path.join(out, name)}, "
+              f"grid {os.path.join(out, name + '_grid.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,107 @@
+"""Train a stage: `python main.py --train_vae | --train_diffusion | --train_all | --train_classifier`."""
+import sys
+
+from config import ArgumentParser, add_common_args, add_sampling_args, build_config
+from errors import UserError, run_main
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(prog="main.py", description=__doc__)
+    stage = p.add_mutually_exclusive_group(required=True)
+    stage.add_argument("--train_vae", action="store_true", help="train the VAE-GAN (latent models)")
+    stage.add_argument("--train_diffusion", action="store_true", help="train the conditional denoiser")
+    stage.add_argument("--train_all", action="store_true", help="VAE-GAN then denoiser (pixel models: denoiser)")
+    stage.add_argument("--train_classifier", action="store_true",
+                       help="train the real-data classifier used by the offline metrics")
+    p.add_argument("--epochs", type=int, help="epochs of the stage being trained")
+    p.add_argument("--vae_epochs", type=int, help="VAE-GAN epochs (with --train_all)")
+    p.add_argument("--diffusion_epochs", type=int, help="denoiser epochs (with --train_all)")
+    p.add_argument("--lr", type=float, help="learning rate of the stage(s) being trained")
+    p.add_argument("--resume", action="store_true", help="continue the run in --results_dir from its last checkpoint")
+    p.add_argument("--checkpoint_path", help="continue from this checkpoint (with --total_epochs)")
+    p.add_argument("--total_epochs", type=int, help="with --checkpoint_path: train until this many epochs")
+    add_common_args(p)
+    add_sampling_args(p)
+    g = p.add_argument_group("VAE-GAN")
+    g.add_argument("--latent_channels", type=int)
+    g.add_argument("--perceptual_weight", type=float, help="VGG16 perceptual loss weight (0: no VGG needed)")
+    g.add_argument("--vgg_weights", help="path to torchvision's vgg16-397923af.pth")
+    g.add_argument("--kl_weight", type=float)
+    g.add_argument("--kl_warmup_epochs", type=int)
+    g.add_argument("--classifier_weight", type=float)
+    g.add_argument("--center_weight", type=float)
+    g.add_argument("--repulsion_weight", type=float, help="push class centers apart (0: off)")
+    g.add_argument("--class_loss_start_epoch", type=int)
+    g.add_argument("--adv_weight", type=float, help="adversarial loss weight (0: no discriminator)")
+    g.add_argument("--adv_start_epoch", type=int)
+    g = p.add_argument_group("denoiser")
+    g.add_argument("--base_channels", type=int)
+    g.add_argument("--schedule", choices=("linear", "cosine"))
+    g.add_argument("--timesteps", type=int)
+    g.add_argument("--prediction", choices=("eps", "v", "x0"))
+    g.add_argument("--loss_weighting", choices=("uniform", "min_snr"))
+    g.add_argument("--label_dropout", type=float, help="null-label probability for guidance (default 0.1)")
+    g.add_argument("--ema_decay", type=float)
+    g.add_argument("--warmup_steps", type=int)
+    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--dropout", type=float)
+    g = p.add_argument_group("engineering")
+    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (auto: bf16 on CUDA)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the denoiser")
+    g.add_argument("--picture_every", type=int, help="epochs between periodic pictures")
+    g.add_argument("--checkpoint_every", type=int, help="epochs between checkpoints")
+    g.add_argument("--log_every", type=int, help="steps between loss read-outs")
+    return p.parse_args(argv)
+
+
+def stage_overrides(args):
+    """--epochs / --lr / --batch_size apply to the stage being trained."""
+    if args.epochs is not None:
+        if args.epochs <= 0:
+            raise UserError(f"--epochs must be positive, got {args.epochs}")
+        if args.train_vae:
+            args.vae_epochs = args.epochs
+        elif args.train_diffusion:
+            args.diffusion_epochs = args.epochs
+        elif args.train_all:
+            raise UserError("with --train_all, use --vae_epochs and --diffusion_epochs")
+    if args.lr is not None and (args.train_vae or args.train_all):
+        args.vae_lr = args.lr
+    if args.batch_size is not None and (args.train_vae or args.train_all):
+        args.vae_batch_size = args.batch_size
+    if (args.checkpoint_path is None) != (args.total_epochs is None):
+        raise UserError("--checkpoint_path and --total_epochs go together")
+    return args
+
+
+def main(argv=None):
+    from training import runner
+    args = stage_overrides(parse_args(argv))
+    if args.checkpoint_path:
+        cfg = runner.config_for_resume(args, args.checkpoint_path)
+    elif args.resume:  # continue with the run's own config (only runtime fields may change)
+        stages = (["vae_gan_last.pt"] if args.train_vae or args.train_all else []) + \
+                 (["conditional_diffusion_last.pt"] if args.train_diffusion or args.train_all else []) + \
+                 (["classifier_last.pt"] if args.train_classifier else [])
+        cfg = runner.config_for_saved_run(args, stages)
+    else:
+        cfg = build_config(args)
+    if args.train_classifier:
+        from training.classifier import train_classifier
+        train_classifier(cfg, resume=args.resume)
+        return 0
+    if args.checkpoint_path:
+        train = runner.train_vae if args.train_vae else runner.train_diffusion
+        train(cfg, checkpoint_path=args.checkpoint_path, total_epochs=args.total_epochs)
+        return 0
+    if (args.train_vae or args.train_all) and cfg.is_latent:
+        runner.train_vae(cfg, resume=args.resume)
+    elif args.train_vae:
+        raise UserError(f"--model {cfg.model} works in pixel space and has no VAE; use --train_diffusion")
+    if args.train_diffusion or args.train_all:
+        runner.train_diffusion(cfg, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,174 @@
+"""A trained run as one object: denoiser (+ VAE for latent models) + schedule + class names.
+Samples images for labels with any sampler and guidance; generate.py, visualize.py, the
+evaluation code and the training pictures all go through it."""
+import os
+
+import torch
+
+from config import Config, build_config
+from data import to_float
+from diffusion.guidance import make_denoiser
+from diffusion.samplers import sample as run_sampler
+from diffusion.schedule import NoiseSchedule
+from errors import UserError
+from models import build_denoiser, build_vae
+from training.checkpoint import check_compatible, load_checkpoint
+
+DENOISER_FILES = ("conditional_diffusion_final.pt", "conditional_diffusion_last.pt")
+VAE_FILES = ("vae_gan_best.pt", "vae_gan_last.pt")
+
+
+def make_schedule(cfg):
+    return NoiseSchedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end)
+
+
+@torch.no_grad()
+def encode_images(vae, images_uint8, device, batch_size=256, flip=False):
+    """Posterior (mean, logvar) of every image, optionally of its mirror image."""
+    means, logvars = [], []
+    for i in range(0, len(images_uint8), batch_size):
+        x = to_float(images_uint8[i:i + batch_size].to(device))
+        if flip:
+            x = x.flip(-1)
+        mean, logvar = vae.encode(x)
+        means.append(mean.float())
+        logvars.append(logvar.float())
+    return torch.cat(means), torch.cat(logvars)
+
+
+class Pipeline:
+    def __init__(self, cfg, denoiser, class_names, device, vae=None, latent_shift=None, latent_scale=None):
+        self.cfg, self.denoiser, self.class_names, self.device = cfg, denoiser, list(class_names), device
+        self.vae, self.latent_shift, self.latent_scale = vae, latent_shift, latent_scale
+        self.schedule = make_schedule(cfg)
+        image_size = cfg.image_size
+        if vae is not None:
+            self.sample_shape = (cfg.latent_channels, vae.latent_size, vae.latent_size)
+        else:
+            self.sample_shape = (3, image_size, image_size)
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    def class_index(self, name):
+        lowered = {c.lower(): i for i, c in enumerate(self.class_names)}
+        from data import safe_name
+        safe = {safe_name(c).lower(): i for i, c in enumerate(self.class_names)}
+        key = name.lower()
+        if key in lowered:
+            return lowered[key]
+        if key in safe:
+            return safe[key]
+        raise UserError(f"unknown class {name!r}; valid names: {', '.join(self.class_names)}")
+
+    def to_model_space(self, images_uint8):
+        """Images -> what the denoiser sees: pixels in [-1, 1] or standardized latents."""
+        if self.vae is None:
+            return to_float(images_uint8.to(self.device))
+        mean, _ = encode_images(self.vae, images_uint8, self.device)
+        return (mean - self.latent_shift) / self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, z):
+        """Model space -> images in [-1, 1]. For latents, the standardization is undone first."""
+        if self.vae is None:
+            return z.clamp(-1, 1)
+        return self.vae.decode(z * self.latent_scale + self.latent_shift).float().clamp(-1, 1)
+
+    def eps_fn(self, x_t, t, y):
+        """The network's noise prediction (any parameterisation converted), for the
+        diffusion classifier."""
+        from diffusion.objective import to_x0_eps
+        alpha, sigma = self.schedule.alpha_sigma(t, x_t)
+        return to_x0_eps(self.denoiser(x_t, t, y).float(), x_t, alpha, sigma, self.cfg.prediction)[1]
+
+    @torch.inference_mode()
+    def sample(self, labels, *, sampler=None, steps=None, guidance_scale=None, guidance_schedule=None,
+               seed=0, callback=None, x_T=None, decode=True, eta=0.0):
+        """Sample one image per label. Same seed, labels and settings: same images."""
+        cfg = self.cfg
+        sampler, steps = sampler or cfg.sampler, steps or cfg.steps
+        guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        labels = torch.as_tensor(labels, device=self.device, dtype=torch.long)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        if x_T is None:
+            x_T = torch.randn((len(labels),) + self.sample_shape, generator=generator).to(self.device)
+        was_training = self.denoiser.training
+        self.denoiser.eval()
+        denoise = make_denoiser(self.denoiser, self.schedule, cfg.prediction, labels, self.num_classes,
+                                guidance_scale, guidance_schedule or cfg.guidance_schedule,
+                                clip_x0=None if self.vae is not None else 1.0, steps=steps)
+        noise_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+        z = run_sampler(sampler, denoise, x_T, self.schedule, steps, generator=noise_generator,
+                        callback=callback, eta=eta)
+        self.denoiser.train(was_training)
+        return self.decode(z) if decode else z
+
+    def sample_batched(self, labels, batch_size=256, **kwargs):
+        """Many images in batches; batch i uses seed + i so results do not depend on batch size
+        only through the seed sequence."""
+        seed = kwargs.pop("seed", 0)
+        labels = torch.as_tensor(labels)
+        out = [self.sample(labels[i:i + batch_size], seed=seed + i, **kwargs).cpu()
+               for i in range(0, len(labels), batch_size)]
+        return torch.cat(out)
+
+
+def resolve_denoiser_path(results_dir=None, model_path=None):
+    if model_path:
+        if not os.path.isfile(model_path):
+            raise UserError(f"--model_path {model_path} does not exist")
+        return model_path
+    if not results_dir or not os.path.isdir(results_dir):
+        raise UserError(f"results folder {results_dir} does not exist; train a model first with "
+                        f"`python main.py --train_all --results_dir {results_dir}`")
+    for name in DENOISER_FILES:
+        path = os.path.join(results_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"no trained denoiser in {results_dir} (looked for {' or '.join(DENOISER_FILES)}); "
+                    f"train one with `python main.py --train_diffusion --results_dir {results_dir}`")
+
+
+def load_vae_state(results_dir, cfg=None):
+    for name in VAE_FILES:
+        path = os.path.join(results_dir, name)
+        if os.path.isfile(path):
+            state = load_checkpoint(path, "VAE checkpoint")
+            if cfg is not None:
+                check_compatible(state, cfg, "vae_gan", path)
+            return state, path
+    raise UserError(f"no trained VAE in {results_dir} (looked for {' or '.join(VAE_FILES)}); "
+                    f"train one with `python main.py --train_vae --results_dir {results_dir}`")
+
+
+def load_pipeline(results_dir=None, model_path=None, device="cpu", overrides=None, use_ema=True):
+    """Build the Pipeline of a trained run. `overrides` (argparse namespace) may change runtime
+    fields such as the sampler, never the architecture."""
+    path = resolve_denoiser_path(results_dir, model_path)
+    state = load_checkpoint(path, "denoiser checkpoint")
+    if state["kind"] != "conditional_diffusion":
+        raise UserError(f"{path} holds a {state['kind']} checkpoint, not a denoiser")
+    cfg = Config.from_dict(state["config"])
+    if overrides is not None:
+        cfg = build_config(overrides, base=cfg)
+    stage = state["stage"]
+    class_names = stage["class_names"]
+    in_channels = cfg.latent_channels if cfg.is_latent else 3
+    size = stage["sample_size"]
+    denoiser = build_denoiser(cfg, len(class_names), in_channels, size)
+    weights = stage["ema"] if use_ema else stage["model"]
+    if use_ema:  # AveragedModel keys: "module.<name>" plus its n_averaged counter
+        weights = {k[len("module."):]: v for k, v in weights.items() if k.startswith("module.")}
+    denoiser.load_state_dict(weights)
+    denoiser.to(device).eval()
+    vae = shift = scale = None
+    if cfg.is_latent:
+        vae = build_vae(cfg, len(class_names), cfg.image_size)
+        vae.load_state_dict(stage["vae"])
+        vae.to(device).eval()
+        shift, scale = stage["latent_shift"].to(device), stage["latent_scale"].to(device)
+    pipe = Pipeline(cfg, denoiser, class_names, device, vae, shift, scale)
+    pipe.checkpoint_path = path
+    return pipe

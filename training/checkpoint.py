@@ -1,0 +1,78 @@
+"""Checkpoints: the full training state plus the config, written atomically, read with
+weights_only=True so a file from a stranger cannot run code."""
+import os
+import pickle
+import zipfile
+
+import torch
+
+from errors import UserError
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, flush and fsync, then rename over the old checkpoint: a crash
+    or a full disk at any moment leaves the previous checkpoint intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    try:  # make the rename itself durable
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """Load a checkpoint safely; every problem becomes one clear UserError line."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"refusing to load {path}: it is not a plain-weights checkpoint "
+                        f"(weights_only load failed: {first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a readable checkpoint (truncated or another kind of file: "
+                        f"{type(e).__name__})") from None
+    if not isinstance(state, dict) or "config" not in state or "kind" not in state:
+        raise UserError(f"{path} is not a checkpoint of this suite (no config/kind inside)")
+    return state
+
+
+# Fields that define a model: a checkpoint whose values differ cannot be loaded into it.
+ARCHITECTURE_FIELDS = {
+    "vae_gan": ("dataset", "image_size", "vae_base_channels", "vae_channel_mults", "vae_res_blocks",
+                "latent_channels", "disc_channels", "attribute"),
+    "conditional_diffusion": ("dataset", "model", "image_size", "base_channels", "channel_mults",
+                              "num_res_blocks", "attention_resolutions", "num_heads", "time_embed_dim",
+                              "schedule", "timesteps", "prediction", "attribute"),
+    "classifier": ("dataset", "image_size", "attribute"),
+}
+
+
+def check_compatible(state, cfg, kind, path):
+    """Refuse a checkpoint from another dataset, model or incompatible config by name."""
+    if state["kind"] != kind:
+        raise UserError(f"{path} holds a {state['kind']} checkpoint, expected {kind}")
+    saved = state["config"]
+    ours = cfg.to_dict()
+    for name in ARCHITECTURE_FIELDS[kind]:
+        a, b = saved.get(name), ours.get(name)
+        if isinstance(a, list):
+            a = tuple(a)
+        if isinstance(b, list):
+            b = tuple(b)
+        if a != b:
+            raise UserError(f"{path} was trained with {name}={a!r}, but this run has {name}={b!r}")

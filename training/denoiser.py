@@ -1,0 +1,108 @@
+"""The conditional denoiser stage: pixel or latent diffusion with label dropout for
+classifier-free guidance, EMA, warm-up, and validation loss at fixed noise."""
+import torch
+
+from diffusion.objective import DiffusionLoss
+from models import build_denoiser
+from pipeline import Pipeline, make_schedule
+from training import distributed as dist
+from training.optim import autocast, grads_finite_step, make_ema, make_optimizer, warmup_schedule
+
+
+def latent_standardization(means):
+    """Per-channel shift and scale that make the training latents zero-mean, unit-variance;
+    stored with the denoiser and undone before decoding."""
+    shift = means.mean(dim=(0, 2, 3), keepdim=True)[0]
+    scale = means.std(dim=(0, 2, 3), keepdim=True)[0].clamp_min(1e-6)
+    return shift, scale
+
+
+class DenoiserStage:
+    kind = "conditional_diffusion"
+    last_name, best_name = "conditional_diffusion_last.pt", "conditional_diffusion_best.pt"
+    best_metric = ("val_loss", "min")
+
+    def __init__(self, cfg, class_names, sample_shape, device, val_x, val_y, run, vae=None,
+                 latent_shift=None, latent_scale=None):
+        self.cfg, self.device, self.run = cfg, device, run
+        self.class_names, self.sample_size = list(class_names), sample_shape[-1]
+        num_classes = len(class_names)
+        self.model = build_denoiser(cfg, num_classes, sample_shape[0], self.sample_size).to(device)
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = make_ema(self.model, cfg.ema_decay)
+        self.train_model = dist.wrap(self.model, device)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.opt = make_optimizer(self.model.parameters(), cfg.lr, cfg.weight_decay, device=device)
+        self.sched = warmup_schedule(self.opt, cfg.warmup_steps)
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        self.schedule = make_schedule(cfg)
+        self.loss_fn = DiffusionLoss(self.schedule, cfg.prediction, cfg.loss_weighting)
+        self.val_x, self.val_y = val_x[:512].to(device), val_y[:512].to(device)
+        self.vae, self.latent_shift, self.latent_scale = vae, latent_shift, latent_scale
+        self.num_classes = num_classes
+
+    def pipeline(self):
+        """A sampling pipeline over the EMA weights."""
+        return Pipeline(self.cfg, self.ema.module, self.class_names, self.device, self.vae,
+                        self.latent_shift, self.latent_scale)
+
+    def prepare(self, x):
+        """Latent batches hold (mean, logvar): draw a posterior sample and standardize it."""
+        if self.vae is None:
+            return x
+        mean, logvar = x.chunk(2, dim=1)
+        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        return (z - self.latent_shift) / self.latent_scale
+
+    def train_step(self, x, y, epoch):
+        x0 = self.prepare(x)
+        if self.device.type == "cuda":
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        drop = torch.rand(y.shape, device=y.device) < self.cfg.label_dropout
+        y = torch.where(drop, torch.full_like(y, self.num_classes), y)  # the null label
+        with autocast(self.device, self.cfg.amp):
+            loss = self.loss_fn(self.train_model, x0, y)
+        if not grads_finite_step(loss, list(self.model.parameters()), self.opt, self.cfg.grad_clip, self.scaler):
+            return None
+        self.sched.step()
+        self.ema.update_parameters(self.model)
+        return {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def validate(self):
+        """Loss of the EMA model on held-out data at fixed timesteps and noise, so epochs compare."""
+        g = torch.Generator(device="cpu").manual_seed(1234)
+        x0 = self.val_x
+        t = torch.randint(0, self.schedule.timesteps, (len(x0),), generator=g).to(self.device)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
+        with autocast(self.device, self.cfg.amp):
+            loss = self.loss_fn(self.ema.module.eval(), x0, self.val_y, t=t, noise=noise)
+        return {"val_loss": dist.mean_across_ranks(float(loss))}
+
+    def pictures(self, epoch):
+        from viz.figures import class_sample_grid, plot_losses
+        class_sample_grid(self.pipeline(), self.run.picture(f"samples_epoch{epoch:04d}.png"), per_class=8,
+                          seed=self.cfg.seed)
+        plot_losses(self.run, self.kind, self.run.path("diffusion_loss.png"))
+
+    def state_dict(self):
+        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                 "sched": self.sched.state_dict(), "class_names": self.class_names,
+                 "sample_size": self.sample_size}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.vae is not None:
+            state.update(vae=self.vae.state_dict(), latent_shift=self.latent_shift.cpu(),
+                         latent_scale=self.latent_scale.cpu())
+        return state
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+

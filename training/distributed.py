@@ -1,0 +1,78 @@
+"""Multi-GPU through PyTorch's own engine: `torchrun --nproc_per_node=K main.py ...` sets the
+environment; we init the process group (NCCL on GPUs, gloo on CPU) and wrap models in DDP."""
+import datetime
+import os
+
+import torch
+import torch.distributed as torch_dist
+
+
+def world_size():
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank():
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank():
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main():
+    return rank() == 0
+
+
+def enabled():
+    return world_size() > 1
+
+
+def setup(device):
+    """Join the process group torchrun prepared (a no-op for a single process)."""
+    if not enabled() or torch_dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch_dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+
+
+def teardown():
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def wrap(model, device):
+    if not enabled():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def unwrap(model):
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)      # DDP
+
+
+def barrier():
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+
+
+def mean_across_ranks(value):
+    if not torch_dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if torch_dist.get_backend() == "nccl":
+        t = t.cuda()
+    torch_dist.all_reduce(t)
+    return float(t.item()) / world_size()
+
+
+def gather_tensor(t):
+    """Concatenate a tensor from every rank along dim 0 (same shape on every rank)."""
+    if not torch_dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    torch_dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)

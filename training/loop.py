@@ -1,0 +1,157 @@
+"""The one training loop every stage (VAE-GAN, denoiser, classifier) runs through: epochs,
+progress, logging without per-step host syncs, periodic pictures, atomic checkpoints,
+best-checkpoint choice on a held-out metric, resume, SIGINT/SIGTERM, and the NaN guard."""
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from errors import UserError
+from training import distributed as dist
+from training.checkpoint import save_checkpoint
+from training.run import Run
+
+
+class StopRequested(Exception):
+    """Raised after a signal-triggered checkpoint so the entry point can exit cleanly."""
+
+
+class NonFiniteError(Exception):
+    pass
+
+
+def select_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for, but MPS is not available")
+    return torch.device("cuda", dist.local_rank()) if name == "cuda" else torch.device(name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()[1],
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np_state = np.random.get_state()
+    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _SignalCatcher:
+    """SIGINT/SIGTERM set a flag; the loop saves at the next step boundary and stops."""
+
+    def __init__(self):
+        self.caught = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.caught = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
+    """Train `stage` until `total_epochs` epochs are done. `stage` provides kind, train_step,
+    validate, pictures, state_dict/load_state_dict, best_metric ("name", "min"|"max")."""
+    epoch, step, skip_batches, best = 0, 0, 0, None
+    if resume_state is not None:
+        stage.load_state_dict(resume_state["stage"])
+        epoch, step = resume_state["epoch"], resume_state["step"]
+        skip_batches, best = resume_state.get("batch_in_epoch", 0), resume_state.get("best")
+        set_rng_state(resume_state["rng"])
+        if dist.is_main():
+            print(f"resuming {stage.kind} at epoch {epoch} step {step}", file=sys.stderr)
+    metric_name, mode = stage.best_metric
+    bad_in_a_row = 0
+
+    def checkpoint(name, batch_in_epoch=0, done_epochs=None):
+        if not dist.is_main():
+            return
+        state = {"kind": stage.kind, "config": cfg.to_dict(), "epoch": epoch if done_epochs is None else done_epochs,
+                 "step": step, "batch_in_epoch": batch_in_epoch, "best": best, "rng": rng_state(),
+                 "stage": stage.state_dict()}
+        save_checkpoint(state, run.path(name))
+
+    with _SignalCatcher() as signals:
+        while epoch < total_epochs:
+            sums, count, t0 = {}, 0, time.time()
+            bar = tqdm(total=len(batcher), desc=f"{stage.kind} {epoch + 1}/{total_epochs}",
+                       disable=not dist.is_main(), leave=False, dynamic_ncols=True)
+            for i, (x, y) in enumerate(batcher.epoch(epoch)):
+                if i < skip_batches:  # resuming mid-epoch: the permutation is the same, skip what was done
+                    bar.update(1)
+                    continue
+                losses = stage.train_step(x, y, epoch + i / len(batcher))
+                if losses is None:  # non-finite loss or gradient: the stage skipped the update
+                    bad_in_a_row += 1
+                    run.log(stage.kind, epoch, step, {"skipped_step": 1.0})
+                    if bad_in_a_row >= cfg.max_bad_steps:
+                        raise NonFiniteError(
+                            f"{bad_in_a_row} non-finite steps in a row at epoch {epoch + 1}; stopped. The last "
+                            f"good checkpoint is {run.path(stage.last_name)} (try a lower --lr)")
+                else:
+                    bad_in_a_row = 0
+                    for k, v in losses.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach()
+                    count += 1
+                step += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 and count:  # the only host sync for logging
+                    bar.set_postfix({k: f"{float(v) / count:.4f}" for k, v in sums.items()})
+                if signals.caught:
+                    checkpoint(stage.last_name, batch_in_epoch=i + 1)
+                    bar.close()
+                    raise StopRequested(
+                        f"{signals.caught}: saved {run.path(stage.last_name)} at epoch {epoch + 1}, step {step}; "
+                        f"resume with the same command plus --resume")
+            bar.close()
+            skip_batches = 0
+            epoch += 1
+            row = {k: dist.mean_across_ranks(float(v) / max(count, 1)) for k, v in sums.items()}
+            row.update(stage.validate())
+            row["epoch_seconds"] = time.time() - t0
+            run.log(stage.kind, epoch, step, row)
+            if dist.is_main():
+                summary = " ".join(f"{k}={v:.4g}" for k, v in row.items())
+                tqdm.write(f"[{stage.kind}] epoch {epoch}/{total_epochs} {summary}")
+            value = row.get(metric_name)
+            if value is not None and (best is None or (value < best if mode == "min" else value > best)):
+                best = value
+                checkpoint(stage.best_name)
+            if epoch % cfg.checkpoint_every == 0 or epoch == total_epochs:
+                checkpoint(stage.last_name)
+            if dist.is_main() and (epoch % cfg.picture_every == 0 or epoch == total_epochs):
+                stage.pictures(epoch)
+    if best is None and dist.is_main():  # no held-out metric: the last state is the best we know
+        checkpoint(stage.best_name)
+    return best

@@ -1,0 +1,50 @@
+"""Optimizer, warm-up schedule, EMA and autocast, shared by every stage."""
+import contextlib
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+def make_optimizer(params, lr, weight_decay=0.0, betas=(0.9, 0.999), device=None):
+    fused = device is not None and device.type == "cuda"  # fused AdamW: one kernel per step on GPUs
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
+
+
+def warmup_schedule(optimizer, warmup_steps):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)))
+
+
+def make_ema(model, decay):
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def autocast(device, amp):
+    """bf16 autocast on CUDA by default (no GradScaler needed); CPU and MPS run in fp32 unless
+    --amp bf16 is asked for explicitly."""
+    if amp == "none" or (amp == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def grads_finite_step(loss, params, optimizer, grad_clip, scaler=None):
+    """Backward, clip, and step only if the loss and gradient norm are finite (one host sync,
+    as GradScaler does). Returns False when the step was skipped."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # unscale before clipping, or the clip acts on scaled grads
+    else:
+        loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
+    if not bool(torch.isfinite(norm) & torch.isfinite(loss.detach())):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        return False
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return True

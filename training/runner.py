@@ -1,0 +1,144 @@
+"""What `main.py` runs: each stage's data, model and loop, with resume and final files."""
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from config import Config, build_config
+from data import load_dataset
+from data.batcher import DeviceBatcher
+from errors import UserError
+from training import distributed as dist
+from training.checkpoint import check_compatible, load_checkpoint
+from training.loop import fit, seed_everything, select_device
+from training.run import Run
+
+
+def load_splits(cfg):
+    """The training split and the held-out validation split of the configured dataset."""
+    kwargs = dict(image_size=cfg.image_size, download=cfg.download, val_fraction=cfg.val_fraction,
+                  attribute=cfg.attribute, flowers_splits=cfg.flowers_splits)
+    train = load_dataset(cfg.dataset, cfg.data_root, "train", subset=cfg.subset, **kwargs)
+    val = load_dataset(cfg.dataset, cfg.data_root, "val", **kwargs)
+    return train, val
+
+
+def resume_state_for(cfg, stage_cls, resume, checkpoint_path=None):
+    """The checkpoint to continue from, or None for a fresh start. With --resume a stage that
+    has no checkpoint yet starts fresh; without it, a fresh start never overwrites one."""
+    path = checkpoint_path or os.path.join(cfg.results_dir, stage_cls.last_name)
+    if checkpoint_path and not os.path.isfile(path):
+        raise UserError(f"nothing to resume: {path} does not exist")
+    if (resume or checkpoint_path) and os.path.isfile(path):
+        state = load_checkpoint(path)
+        check_compatible(state, cfg, stage_cls.kind, path)
+        return state
+    if not resume and os.path.isfile(path):
+        raise UserError(f"{cfg.results_dir} already holds {stage_cls.last_name}; pass --resume to continue "
+                        f"it, or choose another --results_dir")
+    return None
+
+
+def config_for_resume(args, checkpoint_path, default_results_dir=None):
+    """A resumed run keeps its saved config; the command line may change runtime fields only."""
+    state = load_checkpoint(checkpoint_path)
+    cfg = build_config(args, base=Config.from_dict(state["config"]))
+    if args.results_dir is None:
+        cfg.results_dir = default_results_dir or os.path.dirname(os.path.abspath(checkpoint_path))
+    return cfg
+
+
+def config_for_saved_run(args, stages):
+    """--resume: the run folder's own config, with only runtime fields changed by flags."""
+    folder = args.results_dir or build_config(args).results_dir
+    names = [os.path.join(folder, s) for s in stages]
+    if not any(os.path.isfile(n) for n in names):
+        raise UserError(f"--resume: nothing to resume in {folder} (no {' or '.join(stages)})")
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            saved = Config.from_dict(json.load(f))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--resume: cannot read the run's config {path}: {e}") from None
+    cfg = build_config(args, base=saved)
+    cfg.results_dir = folder
+    return cfg
+
+
+def _start(cfg):
+    device = select_device(cfg.device)
+    dist.setup(device)
+    seed_everything(cfg.seed + dist.rank())
+    run = Run(cfg.results_dir)
+    run.save_config(cfg)
+    return device, run
+
+
+def train_vae(cfg, resume=False, checkpoint_path=None, total_epochs=None):
+    from training.vae_gan import VAEGANStage
+    device, run = _start(cfg)
+    state = resume_state_for(cfg, VAEGANStage, resume, checkpoint_path)
+    train, val = load_splits(cfg)
+    stage = VAEGANStage(cfg, len(train.class_names), cfg.image_size, device, val, run, train.class_names)
+    batcher = DeviceBatcher(train.images, train.labels, cfg.vae_batch_size // dist.world_size(), device,
+                            flip=True, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size())
+    fit(stage, batcher, cfg, run, total_epochs or cfg.vae_epochs, state)
+    return run
+
+
+def _latent_data(cfg, device, train, val):
+    """Encode the training images and their mirror images once with the trained VAE; batches
+    then hold (mean, logvar) so each step draws a fresh posterior sample."""
+    from models import build_vae
+    from pipeline import encode_images, load_vae_state
+    from training.denoiser import latent_standardization
+    state, path = load_vae_state(cfg.results_dir, cfg)
+    vae = build_vae(cfg, len(train.class_names), cfg.image_size)
+    vae.load_state_dict(state["stage"]["vae"])
+    vae.to(device).eval().requires_grad_(False)
+    if dist.is_main():
+        print(f"encoding {len(train.images)} training images (and mirrors) with {path}", file=sys.stderr)
+    mean, logvar = encode_images(vae, train.images, device)
+    mean_f, logvar_f = encode_images(vae, train.images, device, flip=True)
+    latents = torch.cat([torch.cat([mean, logvar], 1), torch.cat([mean_f, logvar_f], 1)])
+    labels = torch.cat([train.labels, train.labels])
+    # Standardize what the denoiser sees: posterior samples, not means (a barely trained VAE
+    # has wide posteriors).
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    sample = lambda m, lv: m + torch.randn(m.shape, generator=g).to(m.device) * torch.exp(0.5 * lv)  # noqa: E731
+    shift, scale = latent_standardization(torch.cat([sample(mean, logvar), sample(mean_f, logvar_f)]))
+    val_mean, val_logvar = encode_images(vae, val.images, device)
+    return vae, latents, labels, shift, scale, (sample(val_mean, val_logvar) - shift) / scale
+
+
+def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
+    from data import to_float
+    from training.denoiser import DenoiserStage
+    device, run = _start(cfg)
+    state = resume_state_for(cfg, DenoiserStage, resume, checkpoint_path)
+    train, val = load_splits(cfg)
+    per_rank = cfg.batch_size // dist.world_size()
+    if cfg.is_latent:
+        vae, latents, labels, shift, scale, val_x = _latent_data(cfg, device, train, val)
+        batcher = DeviceBatcher(latents, labels, per_rank, device, flip=False, seed=cfg.seed,
+                                rank=dist.rank(), world_size=dist.world_size())
+        shape = latents.shape[1:]
+        shape = (shape[0] // 2,) + tuple(shape[1:])
+        stage = DenoiserStage(cfg, train.class_names, shape, device, val_x, val.labels, run, vae, shift, scale)
+    else:
+        batcher = DeviceBatcher(train.images, train.labels, per_rank, device, flip=True, seed=cfg.seed,
+                                rank=dist.rank(), world_size=dist.world_size())
+        stage = DenoiserStage(cfg, train.class_names, train.images.shape[1:], device, to_float(val.images),
+                              val.labels, run)
+    if state is not None and cfg.is_latent:  # the VAE and standardization the run started with
+        stage.latent_shift = state["stage"]["latent_shift"].to(device)
+        stage.latent_scale = state["stage"]["latent_scale"].to(device)
+    fit(stage, batcher, cfg, run, total_epochs or cfg.diffusion_epochs, state)
+    if dist.is_main():  # the finished run's sampling checkpoint (full state, EMA inside)
+        final = run.path("conditional_diffusion_final.pt")
+        shutil.copyfile(run.path(stage.last_name), final + ".tmp")
+        os.replace(final + ".tmp", final)
+    dist.barrier()
+    return run

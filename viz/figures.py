@@ -1,0 +1,251 @@
+"""Figures: the pictures that training writes periodically and visualize.py draws on demand."""
+import math
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid, save_image  # noqa: E402
+
+from data import to_float  # noqa: E402
+
+
+def save_grid(images, path, nrow):
+    """images: float in [-1, 1] or uint8, [N, 3, H, W]."""
+    if images.dtype == torch.uint8:
+        images = to_float(images)
+    save_image((images.float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def _to_numpy_grid(images, nrow):
+    if images.dtype == torch.uint8:
+        images = to_float(images)
+    grid = make_grid((images.float().cpu() + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
+    return (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def labelled_rows(rows, row_names, path, title=None, col_names=None):
+    """A figure of image rows with a name on each row (and optionally each column)."""
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    size = rows[0].shape[-1]
+    fig, axes = plt.subplots(n_rows, 1, figsize=(max(4, n_cols * 0.9 + 1.5), n_rows * 1.0 + 0.6),
+                             squeeze=False)
+    for ax, images, name in zip(axes[:, 0], rows, row_names):
+        ax.imshow(_to_numpy_grid(images, nrow=n_cols), interpolation="nearest" if size <= 64 else "bilinear")
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+        ax.set_xticks([])
+    if col_names:
+        step = (size + 2)
+        axes[0, 0].set_xticks([2 + step * i + size / 2 for i in range(len(col_names))])
+        axes[0, 0].set_xticklabels(col_names, fontsize=8)
+        axes[0, 0].xaxis.tick_top()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_losses(run, stage, path):
+    """Training losses per epoch (and validation metrics) of one stage from metrics.csv."""
+    series = defaultdict(list)
+    for row in run.read_metrics():
+        if row["stage"] == stage and row["name"] not in ("epoch_seconds", "skipped_step"):
+            series[row["name"]].append((int(row["epoch"]), float(row["value"])))
+    if not series:
+        return False
+    names = sorted(series)
+    cols = min(3, len(names))
+    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(4 * cols, 2.6 * math.ceil(len(names) / cols)),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        epochs, values = zip(*series[name])
+        ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, ms=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        if all(v > 0 for v in values) and max(values) / max(min(values), 1e-12) > 30:
+            ax.set_yscale("log")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"{stage} ({run.folder})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def pick_classes(class_names, names=None, limit=10):
+    """Indices of the classes a picture shows: the named ones, or an evenly spread readable
+    subset when there are many (not just the first two)."""
+    if names:
+        lowered = {c.lower(): i for i, c in enumerate(class_names)}
+        return [lowered[n.lower()] for n in names]
+    if len(class_names) <= limit:
+        return list(range(len(class_names)))
+    return [int(round(i)) for i in np.linspace(0, len(class_names) - 1, limit)]
+
+
+def class_sample_grid(pipe, path, per_class=8, seed=0, classes=None, **sample_kwargs):
+    """One row of samples per class, labelled."""
+    classes = classes if classes is not None else pick_classes(pipe.class_names)
+    labels = torch.tensor([c for c in classes for _ in range(per_class)])
+    images = pipe.sample(labels, seed=seed, **sample_kwargs).cpu()
+    rows = list(images.split(per_class))
+    labelled_rows(rows, [pipe.class_names[c] for c in classes], path)
+    return images
+
+
+@torch.no_grad()
+def reconstruction_grid(vae, images, labels, class_names, path, per_class=8):
+    """Held-out images above their VAE reconstructions, for a readable subset of classes."""
+    picks = []
+    for c in pick_classes(class_names, limit=6):
+        picks += (labels == c).nonzero().flatten()[:per_class].tolist()
+    real = images[picks]
+    device = next(vae.parameters()).device
+    was_training = vae.training
+    vae.eval()
+    recon = vae(to_float(real.to(device)), sample=False)[0].float().clamp(-1, 1).cpu()
+    vae.train(was_training)
+    rows, names = [], []
+    for i in range(0, len(real), per_class):
+        rows += [real[i:i + per_class], recon[i:i + per_class]]
+        names += [f"{class_names[int(labels[picks[i]])]}\nreal", "reconstruction"]
+    labelled_rows(rows, names, path, title="VAE reconstructions of held-out images")
+
+
+def trajectory(pipe, label, seed, num_frames, **sample_kwargs):
+    """One sampling run of one image: the decoded x0 estimate and the current x_t at every step."""
+    frames, states = [], []
+
+    def keep(i, t, x, x0):
+        states.append((int(t), x.detach().clone(), x0.detach().clone()))
+
+    final = pipe.sample([label], seed=seed, callback=keep, **sample_kwargs)
+    idx = np.unique(np.linspace(0, len(states) - 1, num_frames).round().astype(int))
+    for i in idx:
+        t, x, x0 = states[i]
+        frames.append((t, pipe.decode(x)[0].cpu(), pipe.decode(x0)[0].cpu()))
+    return frames, final[0].cpu(), states
+
+
+def denoising_steps_figure(pipe, label, path, seed=0, num_frames=10, **sample_kwargs):
+    """One sampling chain at several steps: the noisy state (top) and its clean estimate (bottom)."""
+    frames, _, _ = trajectory(pipe, label, seed, num_frames, **sample_kwargs)
+    rows = [torch.stack([f[1] for f in frames]), torch.stack([f[2] for f in frames])]
+    labelled_rows(rows, ["x_t", "x0 estimate"], path, col_names=[f"t={f[0]}" for f in frames],
+                  title=f"one reverse-diffusion run, class '{pipe.class_names[label]}'")
+
+
+def denoising_animation(pipe, label, path, seed=0, num_frames=40, fps=8, scale=4, **sample_kwargs):
+    """GIF of the reverse process of one real sampling run (noisy state beside its x0 estimate)."""
+    import imageio.v2 as imageio
+    frames, final, _ = trajectory(pipe, label, seed, num_frames, **sample_kwargs)
+    pictures = []
+    for _, x, x0 in frames + [(0, final, final)] * 4:  # hold the final image
+        pair = torch.stack([x, x0])
+        grid = _to_numpy_grid(pair, nrow=2)
+        pictures.append(np.kron(grid, np.ones((scale, scale, 1), dtype=np.uint8)))
+    imageio.mimsave(path, pictures, duration=1000 / fps, loop=0)
+
+
+def forward_process_figure(schedule, image_uint8, path, num_columns=10, seed=0):
+    """One real image noised along the schedule, x_t = alpha_t x0 + sigma_t eps."""
+    x0 = to_float(image_uint8[None])
+    ts = torch.linspace(0, schedule.timesteps - 1, num_columns).round().long()
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g)
+    row = torch.cat([schedule.q_sample(x0, t[None], noise) for t in ts]).clamp(-1, 1)
+    labelled_rows([torch.cat([x0, row[1:]])], ["x_t"], path,
+                  col_names=["x0"] + [f"t={int(t)}" for t in ts[1:]],
+                  title=f"forward process ({schedule.kind} schedule, T={schedule.timesteps})")
+
+
+def steps_comparison_figure(pipe, label, path, seed=0, step_counts=(5, 10, 20, 40),
+                            samplers=("ddim", "dpmpp", "ddpm"), per_row=4, **sample_kwargs):
+    """The same seed and class at several step counts, one row per sampler and step count."""
+    rows, names = [], []
+    for sampler in samplers:
+        for steps in step_counts:
+            rows.append(pipe.sample([label] * per_row, sampler=sampler, steps=min(steps, pipe.cfg.timesteps),
+                                    seed=seed, **sample_kwargs).cpu())
+            names.append(f"{sampler} {steps}")
+    labelled_rows(rows, names, path, title=f"'{pipe.class_names[label]}': same seed, different samplers and steps")
+
+
+def latent_space_figure(latents, labels, class_names, centers, path, seed=0):
+    """t-SNE and PCA of encoded held-out images coloured by class, with class centers."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    feats = latents.flatten(1).numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    classes = sorted(set(labels.tolist()))
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    pca = PCA(n_components=2, random_state=seed).fit(feats)
+    both = np.concatenate([feats, centers]) if centers is not None else feats
+    perplexity = max(2.0, min(30.0, (len(both) - 1) / 3))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(both)
+    for ax, xy, title in ((axes[0], tsne, "t-SNE"), (axes[1], pca.transform(both), "PCA")):
+        points = xy[:len(feats)]
+        for j, c in enumerate(classes):
+            mask = labels.numpy() == c
+            ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.6, color=cmap(j % cmap.N),
+                       label=class_names[c])
+        if centers is not None:
+            cxy = xy[len(feats):]
+            for j, c in enumerate(classes):
+                ax.scatter(cxy[c, 0], cxy[c, 1], marker="X", s=160, color=cmap(j % cmap.N), edgecolor="black")
+        ax.set_title(f"{title} of held-out latents (X: class centers)", fontsize=10)
+    axes[0].legend(fontsize=8, markerscale=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def denoising_path_figure(pipe, label, real_latents, real_labels, path, num_samples=6, seed=0, **sample_kwargs):
+    """Paths of several samples through latent space during one sampling run (the x0 estimate
+    at each step), projected with PCA fitted on real latents, drawn over the real latents."""
+    from sklearn.decomposition import PCA
+    states = []
+    pipe.sample([label] * num_samples, seed=seed, decode=False,
+                callback=lambda i, t, x, x0: states.append(x0.detach().float().cpu()), **sample_kwargs)
+    pca = PCA(n_components=2, random_state=seed).fit(real_latents.flatten(1).numpy())
+    fig, ax = plt.subplots(figsize=(7, 6))
+    real_xy = pca.transform(real_latents.flatten(1).numpy())
+    cmap = plt.get_cmap("tab10" if pipe.num_classes <= 10 else "tab20")
+    for c in sorted(set(real_labels.tolist())):
+        mask = real_labels.numpy() == c
+        ax.scatter(real_xy[mask, 0], real_xy[mask, 1], s=5, alpha=0.25, color=cmap(c % cmap.N),
+                   label=f"real {pipe.class_names[c]}")
+    path_xy = np.stack([pca.transform(s.flatten(1).numpy()) for s in states])  # [steps, samples, 2]
+    for k in range(num_samples):
+        ax.plot(path_xy[:, k, 0], path_xy[:, k, 1], "-", color="black", lw=1, alpha=0.7)
+        ax.scatter(path_xy[0, k, 0], path_xy[0, k, 1], marker="o", color="white", edgecolor="black", s=30, zorder=3)
+        ax.scatter(path_xy[-1, k, 0], path_xy[-1, k, 1], marker="*", color=cmap(label % cmap.N),
+                   edgecolor="black", s=140, zorder=3)
+    ax.set_title(f"denoising paths of {num_samples} '{pipe.class_names[label]}' samples "
+                 f"(x0 estimate per step; o start, * end), PCA of real latents", fontsize=9)
+    ax.legend(fontsize=7, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_individual(images, folder, prefix):
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        p = os.path.join(folder, f"{prefix}_{i:03d}.png")
+        save_image((img.float().cpu() + 1) / 2, p)
+        paths.append(p)
+    return paths
+
+
+__all__ = ["save_grid", "labelled_rows", "plot_losses", "class_sample_grid", "reconstruction_grid",
+           "denoising_steps_figure", "denoising_animation", "forward_process_figure",
+           "steps_comparison_figure", "latent_space_figure", "denoising_path_figure", "save_individual"]
