@@ -81,6 +81,15 @@ class Config:
     warmup_steps: int = 500
     ema_decay: float = 0.999
     grad_clip: float = 1.0
+    # --- real-data classifier (offline metrics) ---
+    classifier_epochs: int = 30
+    classifier_width: int = 64
+    classifier_lr: float = 2e-3
+    classifier_batch_size: int = 128
+    # --- evaluation during training ---
+    eval_every: int = 0                   # epochs between offline metrics (0: off)
+    eval_samples: int = 500
+    classifier_path: str | None = None    # default: results/<dataset>_classifier/classifier_best.pt
     # --- sampling ---
     sampler: str = "ddim"
     steps: int = 50
@@ -109,7 +118,8 @@ PRESETS = {
                  base_channels=32, channel_mults=(1, 2), num_res_blocks=1, num_heads=2,
                  vae_batch_size=32, batch_size=32, timesteps=100, steps=10, warmup_steps=10,
                  vae_epochs=2, diffusion_epochs=2, picture_every=1, log_every=5,
-                 kl_warmup_epochs=1, adv_start_epoch=1, ema_decay=0.9),
+                 kl_warmup_epochs=1, adv_start_epoch=1, ema_decay=0.9,
+                 classifier_width=8, classifier_batch_size=32, classifier_epochs=2, eval_samples=32),
     # The S1 seed's settings: 1000-step linear schedule, epsilon prediction, ancestral sampling.
     "s1": dict(schedule="linear", prediction="eps", sampler="ddpm", steps=1000, guidance_scale=1.0,
                vae_epochs=1200, diffusion_epochs=800),
@@ -202,7 +212,9 @@ def build_config(args, base=None):
 RUNTIME_FIELDS = {"results_dir", "data_root", "device", "seed", "download", "amp", "compile", "log_every",
                   "picture_every", "checkpoint_every", "sampler", "steps", "guidance_scale",
                   "guidance_schedule", "vae_epochs", "diffusion_epochs", "batch_size", "vae_batch_size",
-                  "lr", "vae_lr", "subset", "max_bad_steps", "vgg_weights", "perceptual_weight"}
+                  "lr", "vae_lr", "subset", "max_bad_steps", "vgg_weights", "perceptual_weight",
+                  "eval_every", "eval_samples", "classifier_path", "classifier_epochs", "classifier_lr",
+                  "classifier_batch_size"}
 
 
 def validate(cfg):

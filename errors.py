@@ -9,6 +9,13 @@ class UserError(Exception):
     """Bad input or a missing prerequisite, explained in one line."""
 
 
+def offline():
+    """SUITE_OFFLINE=1 forbids any download attempt (pretrained weights, datasets): on a
+    firewalled machine a download can hang instead of failing."""
+    import os
+    return os.environ.get("SUITE_OFFLINE", "") not in ("", "0")
+
+
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
 

@@ -14,17 +14,23 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="generate.py", description=__doc__)
     p.add_argument("--model_path", help="a denoiser checkpoint (instead of --results_dir)")
     p.add_argument("--class_name", default="all", help="class to sample, or 'all' (default)")
-    p.add_argument("--num_samples", type=int, default=10, help="images per class (default 10)")
+    p.add_argument("--num_samples", type=int,
+                   help="images per class (default 10); with --evaluate the total, balanced over classes "
+                        "(default 2000); with --classify the held-out images to classify (default 200)")
     p.add_argument("--create_animation", action="store_true", help="GIF of one reverse-diffusion run")
     p.add_argument("--evaluate", action="store_true", help="compute every metric and write eval.json")
     p.add_argument("--classify", action="store_true", help="classify held-out real images with the denoiser")
     p.add_argument("--output_dir", help="where images go (default <results_dir>/generated)")
     p.add_argument("--inception_weights", help="path to pt_inception-2015-12-05-6726825d.pth for FID/KID")
     p.add_argument("--no_fid", action="store_true", help="--evaluate without the Inception metrics")
+    p.add_argument("--classifier_path", help="real-data classifier (default results/<dataset>_classifier/...)")
+    p.add_argument("--classify_images", type=int,
+                   help="--evaluate: held-out images for the diffusion classifier (default 100 with up to "
+                        "10 classes, else 0)")
     add_common_args(p)
     add_sampling_args(p)
     args = p.parse_args(argv)
-    if args.num_samples <= 0:
+    if args.num_samples is not None and args.num_samples <= 0:
         raise UserError(f"--num_samples must be positive, got {args.num_samples}")
     if args.steps is not None and args.steps <= 0:
         raise UserError(f"--steps must be positive, got {args.steps}")
@@ -44,6 +50,8 @@ def main(argv=None):
     seed = pipe.cfg.seed if args.seed is None else args.seed
     if args.evaluate:
         from evaluation.evaluate import evaluate_run
+        if args.classify_images is None:
+            args.classify_images = 100 if pipe.num_classes <= 10 else 0
         evaluate_run(pipe, run_dir, args, seed)
         return 0
     if args.classify:
@@ -58,14 +66,15 @@ def main(argv=None):
             figures.denoising_animation(pipe, c, path, seed=seed)
             print(path)
         return 0
+    per_class = args.num_samples or 10
     out = args.output_dir or os.path.join(run_dir, "generated")
     os.makedirs(out, exist_ok=True)
     for c in classes:
         name = safe_name(pipe.class_names[c])
-        images = pipe.sample_batched(torch.full((args.num_samples,), c), seed=seed)
-        figures.save_grid(images, os.path.join(out, f"{name}_grid.png"), nrow=min(10, args.num_samples))
+        images = pipe.sample_batched(torch.full((per_class,), c), seed=seed)
+        figures.save_grid(images, os.path.join(out, f"{name}_grid.png"), nrow=min(10, per_class))
         figures.save_individual(images, os.path.join(out, name), name)
-        print(f"{pipe.class_names[c]}: {args.num_samples} images in {os.path.join(out, name)}, "
+        print(f"{pipe.class_names[c]}: {per_class} images in {os.path.join(out, name)}, "
               f"grid {os.path.join(out, name + '_grid.png')}")
     return 0
 

@@ -45,6 +45,10 @@ def parse_args(argv=None):
     g.add_argument("--warmup_steps", type=int)
     g.add_argument("--weight_decay", type=float)
     g.add_argument("--dropout", type=float)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_every", type=int, help="epochs between offline sample metrics during training (0: off)")
+    g.add_argument("--eval_samples", type=int, help="samples per evaluation during training (default 500)")
+    g.add_argument("--classifier_path", help="real-data classifier checkpoint for the offline metrics")
     g = p.add_argument_group("engineering")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (auto: bf16 on CUDA)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the denoiser")
@@ -69,6 +73,11 @@ def stage_overrides(args):
         args.vae_lr = args.lr
     if args.batch_size is not None and (args.train_vae or args.train_all):
         args.vae_batch_size = args.batch_size
+    if args.train_classifier:
+        for flag, field in (("epochs", "classifier_epochs"), ("lr", "classifier_lr"),
+                            ("batch_size", "classifier_batch_size")):
+            if getattr(args, flag) is not None:
+                setattr(args, field, getattr(args, flag))
     if (args.checkpoint_path is None) != (args.total_epochs is None):
         raise UserError("--checkpoint_path and --total_epochs go together")
     return args
@@ -85,6 +94,9 @@ def main(argv=None):
                  (["classifier_last.pt"] if args.train_classifier else [])
         cfg = runner.config_for_saved_run(args, stages)
     else:
+        if args.train_classifier and args.results_dir is None:
+            from training.classifier import default_classifier_dir
+            args.results_dir = default_classifier_dir(build_config(args))
         cfg = build_config(args)
     if args.train_classifier:
         from training.classifier import train_classifier

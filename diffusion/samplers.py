@@ -1,6 +1,8 @@
 """Samplers as pure functions over a denoiser `denoise(x, t) -> (x0_hat, eps_hat)` where t is
 an integer timestep tensor [B]. Each walks `steps` timesteps from T-1 to 0 and then one
 last step to clean data, so `steps` is the number of network evaluations."""
+import math
+
 import torch
 
 from diffusion.schedule import sampling_timesteps
@@ -15,7 +17,7 @@ def _full(x, t):
 def ddim(denoise, x, schedule, steps, eta=0.0, generator=None, callback=None):
     """DDIM (Song et al. 2021). eta=0 is deterministic; eta=1 is DDPM's ancestral sampler:
     its step is exactly the posterior q(x_s | x_t, x0_hat) (see the tests)."""
-    ts = sampling_timesteps(schedule.timesteps, steps).tolist()
+    ts = sampling_timesteps(schedule, steps).tolist()
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1
         x0, eps = denoise(x, _full(x, t))
@@ -38,7 +40,7 @@ def dpmpp_2m(denoise, x, schedule, steps, generator=None, callback=None):
     """DPM-Solver++(2M) (Lu et al. 2022): second-order multistep in the data prediction,
     with half-log-SNR lambda = log(alpha / sigma) as the time variable; first order on the
     first step and on the last step to clean data."""
-    ts = sampling_timesteps(schedule.timesteps, steps).tolist()
+    ts = sampling_timesteps(schedule, steps, spacing="logsnr").tolist()
     x0_prev, h_prev = None, None
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1
@@ -50,12 +52,12 @@ def dpmpp_2m(denoise, x, schedule, steps, generator=None, callback=None):
         else:
             abar_s = schedule.abar(torch.tensor(s)).item()
             alpha_s, sigma_s = abar_s ** 0.5, (1 - abar_s) ** 0.5
-            h = torch.log(torch.tensor(alpha_s / sigma_s)) - torch.log(torch.tensor(alpha_t / sigma_t))
+            h = math.log(alpha_s / sigma_s) - math.log(alpha_t / sigma_t)
             d = x0
             if x0_prev is not None:
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (sigma_s / sigma_t) * x - alpha_s * torch.expm1(-h).item() * d
+            x = (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
         if callback is not None:
             callback(i, t, x, x0)

@@ -23,7 +23,7 @@ import torchvision.models.inception
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 from torch import nn
 
-from errors import UserError
+from errors import UserError, offline
 from evaluation.metrics import feature_stats, frechet_distance_from_stats, kernel_inception_distance
 
 FID_WEIGHTS_FILE = FID_WEIGHTS_URL.rsplit("/", 1)[-1]  # pt_inception-2015-12-05-6726825d.pth
@@ -54,6 +54,8 @@ def _resolve_fid_weights(weights_path: str | None) -> dict | None:
         return _load_weights_file(Path(weights_path))
     if hub_cache_weights_path().is_file():
         return _load_weights_file(hub_cache_weights_path())
+    if offline():
+        return None
     try:
         return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", weights_only=True)
     except Exception as exc:  # offline, proxy, HTTP error, hash mismatch: all mean "no weights"

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 os.environ["MPLBACKEND"] = "Agg"  # no display on CI machines
+os.environ["SUITE_OFFLINE"] = "1"  # never try a download (a firewalled CI can hang on one)
 TESTS = Path(__file__).resolve().parent
 sys.path[:0] = [str(TESTS.parent), str(TESTS)]  # the project's packages and tests/fixtures.py
 

@@ -2,6 +2,8 @@
 classifier-free guidance, EMA, warm-up, and validation loss at fixed noise."""
 import torch
 
+from data import to_uint8
+
 from diffusion.objective import DiffusionLoss
 from models import build_denoiser
 from pipeline import Pipeline, make_schedule
@@ -20,7 +22,6 @@ def latent_standardization(means):
 class DenoiserStage:
     kind = "conditional_diffusion"
     last_name, best_name = "conditional_diffusion_last.pt", "conditional_diffusion_best.pt"
-    best_metric = ("val_loss", "min")
 
     def __init__(self, cfg, class_names, sample_shape, device, val_x, val_y, run, vae=None,
                  latent_shift=None, latent_scale=None):
@@ -42,6 +43,7 @@ class DenoiserStage:
         self.val_x, self.val_y = val_x[:512].to(device), val_y[:512].to(device)
         self.vae, self.latent_shift, self.latent_scale = vae, latent_shift, latent_scale
         self.num_classes = num_classes
+        self.offline = None
 
     def pipeline(self):
         """A sampling pipeline over the EMA weights."""
@@ -70,16 +72,43 @@ class DenoiserStage:
         self.ema.update_parameters(self.model)
         return {"loss": loss.detach()}
 
+    @property
+    def best_metric(self):
+        """With --eval_every, the best checkpoint is the one whose samples are closest to the
+        held-out images in the real-data classifier's features; else the held-out loss."""
+        return ("classifier_fd_heldout", "min") if self.cfg.eval_every else ("val_loss", "min")
+
+    def sample_metrics(self):
+        """Offline metrics of eval_samples samples, generated across ranks and gathered."""
+        from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier
+        if self.offline is None:
+            classifier = load_real_classifier(self.cfg, self.device, self.cfg.classifier_path)
+            self.offline = OfflineMetrics(classifier, self.cfg, self.device, self.num_classes)
+        world = dist.world_size()
+        n = max(self.cfg.eval_samples // world, 1) * world
+        labels = balanced_labels(n, self.num_classes)
+        mine = labels[dist.rank()::world]
+        images = self.pipeline().sample_batched(mine, seed=self.cfg.seed + 10_000 * dist.rank())
+        images = dist.gather_tensor(to_uint8(images).to(self.device)).cpu()
+        labels = torch.cat([labels[r::world] for r in range(world)])  # gather order: rank by rank
+        m = self.offline(images, labels)
+        return {k: m[k] for k in ("sample_accuracy", "classifier_fd", "classifier_fd_heldout", "classifier_kid")} | \
+            {"near_copy_fraction": m["memorization"]["near_copy_fraction"]}
+
     @torch.no_grad()
-    def validate(self):
-        """Loss of the EMA model on held-out data at fixed timesteps and noise, so epochs compare."""
+    def validate(self, epoch):
+        """Loss of the EMA model on held-out data at fixed timesteps and noise, so epochs compare;
+        every eval_every epochs also the offline sample metrics."""
         g = torch.Generator(device="cpu").manual_seed(1234)
         x0 = self.val_x
         t = torch.randint(0, self.schedule.timesteps, (len(x0),), generator=g).to(self.device)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
         with autocast(self.device, self.cfg.amp):
             loss = self.loss_fn(self.ema.module.eval(), x0, self.val_y, t=t, noise=noise)
-        return {"val_loss": dist.mean_across_ranks(float(loss))}
+        row = {"val_loss": dist.mean_across_ranks(float(loss))}
+        if self.cfg.eval_every and epoch % self.cfg.eval_every == 0:
+            row.update(self.sample_metrics())
+        return row
 
     def pictures(self, epoch):
         from viz.figures import class_sample_grid, plot_losses

@@ -6,6 +6,8 @@ import os
 import torch
 import torch.distributed as torch_dist
 
+from errors import UserError
+
 
 def world_size():
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -52,6 +54,15 @@ def wrap(model, device):
 def unwrap(model):
     model = getattr(model, "_orig_mod", model)  # torch.compile
     return getattr(model, "module", model)      # DDP
+
+
+def per_rank_batch_size(batch_size):
+    """Each process's share of the global batch; the global batch stays what was asked for, so a
+    run's learning rate means the same on any number of GPUs."""
+    if batch_size % world_size():
+        raise UserError(f"--batch_size {batch_size} does not split evenly over {world_size()} processes; "
+                        f"use a multiple of {world_size()}")
+    return batch_size // world_size()
 
 
 def barrier():

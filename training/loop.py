@@ -138,7 +138,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
             skip_batches = 0
             epoch += 1
             row = {k: dist.mean_across_ranks(float(v) / max(count, 1)) for k, v in sums.items()}
-            row.update(stage.validate())
+            row.update(stage.validate(epoch))
             row["epoch_seconds"] = time.time() - t0
             run.log(stage.kind, epoch, step, row)
             if dist.is_main():

@@ -12,7 +12,7 @@ from data.batcher import DeviceBatcher
 from errors import UserError
 from training import distributed as dist
 from training.checkpoint import check_compatible, load_checkpoint
-from training.loop import fit, seed_everything, select_device
+from training.loop import fit, rng_state, seed_everything, select_device
 from training.run import Run
 
 
@@ -34,11 +34,21 @@ def resume_state_for(cfg, stage_cls, resume, checkpoint_path=None):
     if (resume or checkpoint_path) and os.path.isfile(path):
         state = load_checkpoint(path)
         check_compatible(state, cfg, stage_cls.kind, path)
-        return state
+        return _own_rng_stream(state, cfg)
     if not resume and os.path.isfile(path):
         raise UserError(f"{cfg.results_dir} already holds {stage_cls.last_name}; pass --resume to continue "
                         f"it, or choose another --results_dir")
     return None
+
+
+def _own_rng_stream(state, cfg):
+    """A checkpoint holds rank 0's RNG state only: restored on every rank, it would give all ranks
+    the same noise, timesteps and dropout masks from then on. Other ranks continue on a stream of
+    their own, seeded from (seed, rank, step); rank 0 (and a single process) resumes exactly."""
+    if dist.rank() > 0:
+        seed_everything(hash((cfg.seed, dist.rank(), state["step"])) % 2 ** 63)
+        state["rng"] = rng_state()
+    return state
 
 
 def config_for_resume(args, checkpoint_path, default_results_dir=None):
@@ -82,7 +92,7 @@ def train_vae(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     state = resume_state_for(cfg, VAEGANStage, resume, checkpoint_path)
     train, val = load_splits(cfg)
     stage = VAEGANStage(cfg, len(train.class_names), cfg.image_size, device, val, run, train.class_names)
-    batcher = DeviceBatcher(train.images, train.labels, cfg.vae_batch_size // dist.world_size(), device,
+    batcher = DeviceBatcher(train.images, train.labels, dist.per_rank_batch_size(cfg.vae_batch_size), device,
                             flip=True, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size())
     fit(stage, batcher, cfg, run, total_epochs or cfg.vae_epochs, state)
     return run
@@ -119,7 +129,7 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     device, run = _start(cfg)
     state = resume_state_for(cfg, DenoiserStage, resume, checkpoint_path)
     train, val = load_splits(cfg)
-    per_rank = cfg.batch_size // dist.world_size()
+    per_rank = dist.per_rank_batch_size(cfg.batch_size)
     if cfg.is_latent:
         vae, latents, labels, shift, scale, val_x = _latent_data(cfg, device, train, val)
         batcher = DeviceBatcher(latents, labels, per_rank, device, flip=False, seed=cfg.seed,

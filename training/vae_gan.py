@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data import to_float
-from errors import UserError
+from errors import UserError, offline
 from models import VGG16Features, build_discriminator, build_vae
 from training import distributed as dist
 from training.optim import autocast, grads_finite_step, make_optimizer
@@ -41,7 +41,7 @@ def load_vgg16(weights_path):
     import torchvision
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", VGG16_FILE)
     path = weights_path or cached
-    if weights_path is None and not os.path.isfile(cached):
+    if weights_path is None and not os.path.isfile(cached) and not offline():
         try:
             torchvision.models.VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception:
@@ -145,7 +145,7 @@ class VAEGANStage:
         self.vae.train()
         return out
 
-    def validate(self):
+    def validate(self, epoch):
         outputs = self.reconstruct(self.val_images)
         x = to_float(self.val_images.to(self.device))
         recon = torch.cat([o[0] for o in outputs]).clamp(-1, 1)

@@ -1,0 +1,418 @@
+"""Speed of each denoiser on this device: training images/s, FLOPs per training image and
+model-FLOP utilisation, peak memory, and sampling images/s (DDIM and DPM-Solver++ at 10/20/50
+steps, DDPM at 1000), next to diffusers' UNet2DModel at a matched parameter count trained through
+the same step. Writes JSON and prints a table. A measurement, not a test.
+
+    python bench/benchmark.py [--device auto] [--out bench/results/NAME.json] [--quick] [--compile]
+
+Training runs through the suite's own DenoiserStage.train_step (DiffusionLoss, autocast, AdamW
+(fused on CUDA), channels_last on CUDA, grad clipping, EMA) on random data; sampling through
+pipeline.Pipeline.sample with the config's guidance scale. See bench/README.md.
+"""
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from unittest import mock
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from config import DENOISERS, build_config  # noqa: E402
+from models import build_denoiser, build_vae  # noqa: E402
+from training import denoiser as denoiser_module  # noqa: E402
+from training.loop import seed_everything, select_device  # noqa: E402
+
+NUM_CLASSES = 2  # the default dataset, cifar10_catdog
+SAMPLERS = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpmpp", 10), ("dpmpp", 20), ("dpmpp", 50), ("ddpm", 1000)]
+# Dense (no sparsity) bf16 tensor-core peaks, matched against torch.cuda.get_device_name in order.
+GPU_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)]
+REFERENCE = "diffusers_unet2d"
+
+
+@dataclass
+class Settings:
+    train_batch: int
+    warmup_steps: int
+    repeats: int
+    steps_per_repeat: int
+    sample_batch: int
+    sample_repeats: int
+    ddpm_steps: int  # DDPM steps actually run; fewer than 1000 only with --quick (then extrapolated)
+
+
+def settings_for(device, quick, config_batch):
+    on_cpu = device.type != "cuda"  # CPUs (and MPS) get small batches so a run takes minutes
+    train_batch, sample_batch = (16, 4) if on_cpu else (config_batch, 256)
+    if quick:
+        return Settings(train_batch, 2, 3, 3, sample_batch, 1, 20 if on_cpu else 100)
+    return Settings(train_batch, 10, 5, 20, sample_batch, 3, 1000)
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def time_per_call(fn, device, *, warmup, repeats, calls=1):
+    """Median seconds per call of fn over `repeats` timed runs of `calls` calls each, after
+    `warmup` untimed calls. CUDA runs are timed with events after a synchronize, so the
+    kernels still queued when fn returns are counted."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            synchronize(device)
+            seconds = time.perf_counter() - t0
+        times.append(seconds / calls)
+    return statistics.median(times), times
+
+
+def compute_dtype(device, amp):
+    """The dtype the training matmuls run in (training/optim.py's autocast rule)."""
+    if amp == "none" or (amp == "auto" and device.type != "cuda"):
+        return torch.float32
+    return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+def peak_flops(device, dtype, quick):
+    """(FLOP/s, where the number comes from): a datasheet peak for known GPUs, else a measured
+    large matmul in the training dtype (what this device's BLAS reaches now, not a datasheet)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS:
+            if key in name:
+                note = f"datasheet: {key} bf16 dense"
+                if dtype != torch.bfloat16 and dtype != torch.float16:
+                    note += f" (training runs in {dtype}: MFU is against the bf16 peak)"
+                return tflops * 1e12, note
+        return None, f"no peak known for {name}: MFU not computed"
+    n = 1024 if quick else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds, _ = time_per_call(lambda: a @ b, device, warmup=2, repeats=5)
+    return 2 * n ** 3 / seconds, f"measured: {n}x{n} {dtype} matmul, {torch.get_num_threads()} threads"
+
+
+def training_flops_per_image(model, shape, device):
+    """Forward FLOPs of one image (FlopCounterMode counts matmuls, convolutions and attention),
+    times 3 for forward plus backward."""
+    x = torch.randn((2,) + tuple(shape), device=device)
+    t, y = torch.randint(0, 1000, (2,), device=device), torch.randint(0, NUM_CLASSES, (2,), device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t, y)
+    return 3 * counter.get_total_flops() / 2
+
+
+class PeakMemory:
+    """Peak memory of what runs between start() and read(): CUDA's max_memory_allocated (weights,
+    optimizer state and activations), or on Linux CPUs the growth of the peak resident set
+    (VmHWM, reset through /proc/self/clear_refs). None where neither is available."""
+
+    def __init__(self, device):
+        self.device, self.rss_before = device, None
+
+    @staticmethod
+    def _status_kib(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak resident set to the current one
+            self.rss_before = self._status_kib("VmRSS")
+        except OSError:
+            self.rss_before = None
+
+    def read_mb(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        if self.rss_before is None:
+            return None
+        return (self._status_kib("VmHWM") - self.rss_before) / 1024
+
+    def kind(self):
+        return "cuda max_memory_allocated" if self.device.type == "cuda" else "peak RSS growth (VmHWM), CPU"
+
+
+# --- models -----------------------------------------------------------------------------------
+
+def model_config(name, compile_model):
+    return build_config(argparse.Namespace(model=name, compile=compile_model or None))
+
+
+def make_stage(cfg, device, network=None):
+    """The suite's DenoiserStage on placeholder validation data; `network` stands in for the
+    configured denoiser (the diffusers reference) and gets exactly the same treatment. The latent
+    model gets an untrained VAE, so its sampling time includes decoding, as in real use."""
+    extras = {}
+    if cfg.is_latent:
+        vae = build_vae(cfg, NUM_CLASSES, cfg.image_size).to(device).eval().requires_grad_(False)
+        shape = (cfg.latent_channels, vae.latent_size, vae.latent_size)
+        extras = dict(vae=vae, latent_shift=torch.zeros(shape[0], 1, 1, device=device),
+                      latent_scale=torch.ones(shape[0], 1, 1, device=device))
+    else:
+        shape = (3, cfg.image_size, cfg.image_size)
+    build = denoiser_module.build_denoiser if network is None else (lambda *args: network)
+    with mock.patch.object(denoiser_module, "build_denoiser", build):
+        stage = denoiser_module.DenoiserStage(cfg, [f"class{i}" for i in range(NUM_CLASSES)], shape, device,
+                                              torch.zeros((1,) + shape), torch.zeros(1, dtype=torch.long), None,
+                                              **extras)
+    return stage, shape
+
+
+def random_batch(cfg, shape, batch, device):
+    """What a DeviceBatcher yields: pixels in [-1, 1], or (mean, logvar) latent pairs."""
+    if cfg.is_latent:
+        x = torch.cat([torch.randn((batch,) + shape), torch.randn((batch,) + shape) - 4.0], dim=1)
+    else:
+        x = torch.rand((batch,) + shape) * 2 - 1
+    return x.to(device), torch.randint(0, NUM_CLASSES, (batch,)).to(device)
+
+
+def diffusers_reference(cfg, target_params):
+    """diffusers' UNet2DModel shaped like our pixel UNet (levels, blocks per level, no attention,
+    scale-shift conditioning, a class embedding with a null row), with the base width (in steps of
+    32, diffusers' GroupNorm groups) whose parameter count is closest to ours."""
+    from diffusers import UNet2DModel
+
+    class DiffusersUNet(nn.Module):
+        """UNet2DModel behind the suite's model(x, t, y) call."""
+
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t, y):
+            return self.net(x, t, class_labels=y).sample
+
+    def build(base):
+        levels = len(cfg.channel_mults)
+        return UNet2DModel(sample_size=cfg.image_size, in_channels=3, out_channels=3,
+                           block_out_channels=tuple(base * m for m in cfg.channel_mults),
+                           layers_per_block=cfg.num_res_blocks, down_block_types=("DownBlock2D",) * levels,
+                           up_block_types=("UpBlock2D",) * levels, add_attention=False,
+                           num_class_embeds=NUM_CLASSES + 1, resnet_time_scale_shift="scale_shift",
+                           dropout=cfg.dropout)
+
+    def count(base):
+        with torch.device("meta"):  # shapes only: no memory, no init
+            return parameter_count(build(base))
+
+    base = min(range(32, 257, 32), key=lambda b: abs(count(b) - target_params))
+    net = build(base)
+    return DiffusersUNet(net), {"block_out_channels": list(net.config.block_out_channels),
+                                "layers_per_block": cfg.num_res_blocks}
+
+
+def parameter_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# --- one model --------------------------------------------------------------------------------
+
+def benchmark_model(cfg, device, s, peak, network=None):
+    seed_everything(0)
+    memory = PeakMemory(device)
+    memory.start()
+    stage, shape = make_stage(cfg, device, network)
+    x, y = random_batch(cfg, shape, s.train_batch, device)
+    seconds, all_seconds = time_per_call(lambda: stage.train_step(x, y, 0.0), device, warmup=s.warmup_steps,
+                                         repeats=s.repeats, calls=s.steps_per_repeat)
+    peak_mb = memory.read_mb()
+    flops = training_flops_per_image(stage.model, shape, device)
+    images_per_s = s.train_batch / seconds
+    result = {
+        "params": parameter_count(stage.model),
+        "sample_shape": list(shape),
+        "train": {"batch": s.train_batch, "seconds_per_step": seconds, "seconds_per_step_all": all_seconds,
+                  "images_per_s": images_per_s, "training_gflop_per_image": flops / 1e9,
+                  "achieved_tflop_per_s": flops * images_per_s / 1e12,
+                  "mfu": flops * images_per_s / peak if peak else None,
+                  "peak_memory_mb": peak_mb, "memory_kind": memory.kind()},
+        "sampling": measure_sampling(stage, cfg, device, s),
+    }
+    del stage, x, y
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def measure_sampling(stage, cfg, device, s):
+    """Images/s of Pipeline.sample for each sampler and step count. With --quick, DDPM runs
+    ddpm_steps steps and its 1000-step rate is extrapolated from the measured cost per step."""
+    pipe = stage.pipeline()
+    labels = torch.arange(s.sample_batch) % NUM_CLASSES
+    pipe.sample(labels, sampler="ddim", steps=2)  # one-time costs (allocations, kernel choice)
+    rows = []
+    for sampler, steps in SAMPLERS:
+        run_steps = s.ddpm_steps if sampler == "ddpm" else steps
+        seconds, _ = time_per_call(lambda: pipe.sample(labels, sampler=sampler, steps=run_steps), device,
+                                   warmup=0, repeats=s.sample_repeats)
+        row = {"sampler": sampler, "steps": steps, "measured_steps": run_steps, "batch": s.sample_batch,
+               "seconds_per_batch": seconds, "ms_per_step": 1000 * seconds / run_steps,
+               "images_per_s": s.sample_batch / seconds}
+        if run_steps != steps:  # per-step cost x 1000: the final decode is counted 1000/run_steps times
+            row["images_per_s"] = None
+            row["images_per_s_extrapolated"] = s.sample_batch / (seconds / run_steps * steps)
+        rows.append(row)
+    return {"guidance_scale": cfg.guidance_scale, "network_batch_per_step":
+            s.sample_batch * (1 if cfg.guidance_scale == 1.0 else 2), "runs": rows}
+
+
+# --- run and report ---------------------------------------------------------------------------
+
+def git_commit():
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
+    except OSError:
+        return None, None
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu} ({torch.get_num_threads()} threads)" if device.type == "cpu" else device.type
+
+
+def models_to_run(requested, notes):
+    names = list(requested or DENOISERS)
+    if "transformer" in names:
+        try:
+            import models.transformer  # noqa: F401
+        except Exception as e:  # another engineer's module, possibly unfinished
+            names.remove("transformer")
+            notes.append(f"transformer skipped: models/transformer.py does not import ({type(e).__name__}: {e})")
+    return names
+
+
+def print_table(report):
+    rows = report["models"]
+    print(f"\n{report['device']}  torch {report['torch']}  commit {report['git_commit']}"
+          f"{' (dirty)' if report['git_dirty'] else ''}  peak {fmt(report['peak_tflop_per_s'], '.2f')} TFLOP/s "
+          f"({report['peak_source']})")
+    print(f"{'model':<17}{'params M':>9}{'batch':>6}{'train img/s':>12}{'GFLOP/img':>10}{'TFLOP/s':>9}"
+          f"{'MFU %':>7}{'peak MB':>9}")
+    for name, r in rows.items():
+        t = r["train"]
+        print(f"{name:<17}{r['params'] / 1e6:>9.2f}{t['batch']:>6}{t['images_per_s']:>12.2f}"
+              f"{t['training_gflop_per_image']:>10.2f}{t['achieved_tflop_per_s']:>9.3f}"
+              f"{fmt(t['mfu'] and 100 * t['mfu'], '.1f'):>7}{fmt(t['peak_memory_mb'], '.0f'):>9}")
+    first = next(iter(rows.values()))["sampling"]
+    print(f"\nsampling images/s (ms per step), batch {first['runs'][0]['batch']}, guidance "
+          f"{first['guidance_scale']} (network batch {first['network_batch_per_step']}); * = extrapolated")
+    print(f"{'model':<17}" + "".join(f"{f'{s}{n}':>17}" for s, n in SAMPLERS))
+    for name, r in rows.items():
+        cells = []
+        for run in r["sampling"]["runs"]:
+            rate = run["images_per_s"] if run["images_per_s"] is not None else run["images_per_s_extrapolated"]
+            star = "" if run["images_per_s"] is not None else "*"
+            cells.append(f"{rate:.3g}{star} ({run['ms_per_step']:.3g})")
+        print(f"{name:<17}" + "".join(f"{c:>17}" for c in cells))
+    for note in report["notes"]:
+        print(f"note: {note}")
+
+
+def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    p.add_argument("--out", help="JSON file (default bench/results/<device>-<date>.json)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats; on CPU DDPM's 1000 steps are extrapolated")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training model (not sampling)")
+    p.add_argument("--models", help=f"comma-separated subset of {','.join(DENOISERS)},{REFERENCE}")
+    args = p.parse_args()
+
+    device = select_device(args.device)
+    notes = []
+    requested = args.models.split(",") if args.models else None
+    names = models_to_run([n for n in requested or DENOISERS if n != REFERENCE], notes)
+    with_reference = requested is None or REFERENCE in requested
+    s = settings_for(device, args.quick, model_config("unet", args.compile).batch_size)
+    dtype = compute_dtype(device, model_config("unet", args.compile).amp)
+    peak, peak_source = peak_flops(device, dtype, args.quick)
+    commit, dirty = git_commit()
+    report = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+              "git_commit": commit, "git_dirty": dirty, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join([Path(sys.executable).name] + sys.argv), "settings": asdict(s),
+              "compile": args.compile, "compute_dtype": str(dtype), "peak_tflop_per_s": peak and peak / 1e12,
+              "peak_source": peak_source, "models": {}, "notes": notes}
+    if device.type == "cpu":
+        notes.append("CPU timings: one shared machine, other processes running; expect noise of tens of percent")
+
+    for name in names:
+        print(f"benchmarking {name} ...", file=sys.stderr)
+        report["models"][name] = benchmark_model(model_config(name, args.compile), device, s, peak)
+    if with_reference:
+        try:
+            import diffusers
+        except ImportError:
+            notes.append(f"{REFERENCE} skipped: diffusers is not installed (pip install diffusers)")
+        else:
+            print(f"benchmarking {REFERENCE} ...", file=sys.stderr)
+            cfg = model_config("unet", args.compile)
+            with torch.device("meta"):  # shapes only
+                ours = parameter_count(build_denoiser(cfg, NUM_CLASSES, 3, cfg.image_size))
+            network, layout = diffusers_reference(cfg, ours)
+            result = benchmark_model(cfg, device, s, peak, network)
+            result.update(diffusers_version=diffusers.__version__, matched_to="unet",
+                          param_ratio_to_unet=result["params"] / ours, **layout)
+            report["models"][REFERENCE] = result
+            notes.append(f"{REFERENCE}: widths {layout['block_out_channels']}, {result['params'] / ours:.3f}x the "
+                         f"parameters of our unet, same batch, loss, optimizer, EMA and sampler")
+    if args.quick and s.ddpm_steps != 1000:
+        notes.append(f"ddpm1000 is extrapolated from {s.ddpm_steps} measured steps (ms per step is measured)")
+
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / (
+        f"{device.type}-{datetime.date.today().isoformat()}{'-quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(report)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Evaluation of a trained run: offline metrics from the real-data classifier (per-class sample
+accuracy, Frechet distance and KID in its features, memorization), the standard Inception
+FID/KID when its weights are available, and the diffusion classifier."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from data import load_dataset, to_uint8
+from errors import UserError
+from evaluation.metrics import extract_features, frechet_distance, kernel_inception_distance, per_class_accuracy
+from training.checkpoint import check_compatible, load_checkpoint
+
+
+def real_split(cfg, split, limit=None):
+    data = load_dataset(cfg.dataset, cfg.data_root, split, cfg.image_size, val_fraction=cfg.val_fraction,
+                        attribute=cfg.attribute, flowers_splits=cfg.flowers_splits)
+    if limit is not None and len(data.images) > limit:  # a fixed, class-mixed subset
+        keep = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:limit]
+        return data.images[keep], data.labels[keep]
+    return data.images, data.labels
+
+
+def load_real_classifier(cfg, device, path=None):
+    """The classifier trained on the real data of the run's dataset (main.py --train_classifier)."""
+    from training.classifier import CLASSIFIER_FILE, build_classifier, default_classifier_dir
+    candidates = [path] if path else [os.path.join(cfg.results_dir or "", CLASSIFIER_FILE),
+                                      os.path.join(default_classifier_dir(cfg), CLASSIFIER_FILE)]
+    found = next((p for p in candidates if p and os.path.isfile(p)), None)
+    if found is None:
+        raise UserError(f"no real-data classifier for {cfg.dataset} (looked for {', '.join(candidates)}); "
+                        f"train one with `python main.py --train_classifier --dataset {cfg.dataset}"
+                        f"{' --data_root ' + cfg.data_root if cfg.data_root else ''}` or pass --classifier_path")
+    state = load_checkpoint(found, "classifier checkpoint")
+    check_compatible(state, cfg, "classifier", found)
+    from config import Config
+    saved = Config.from_dict(state["config"])
+    model = build_classifier(saved, len(state["stage"]["class_names"]))
+    model.load_state_dict(state["stage"]["model"])
+    model.to(device).eval()
+    model.checkpoint_path = found
+    return model
+
+
+class OfflineMetrics:
+    """Classifier-feature metrics against fixed real features (computed once)."""
+
+    def __init__(self, classifier, cfg, device, num_classes):
+        self.classifier, self.device, self.num_classes = classifier, device, num_classes
+        self.train_images, self.train_labels = real_split(cfg, "train", limit=10000)
+        self.val_images, self.val_labels = real_split(cfg, "val", limit=10000)
+        self.train_feats = self.features(self.train_images)
+        self.val_feats = self.features(self.val_images)
+        self.real_accuracy = self.accuracy(self.val_images, self.val_labels)
+
+    def features(self, images_uint8):
+        return extract_features(self.classifier.features, images_uint8, device=self.device)
+
+    def accuracy(self, images_uint8, labels):
+        from training.classifier import classifier_logits
+        return per_class_accuracy(classifier_logits(self.classifier, images_uint8, self.device), labels,
+                                  self.num_classes)
+
+    def __call__(self, images_uint8, labels, memorization=True):
+        feats = self.features(images_uint8)
+        acc = self.accuracy(images_uint8, labels)
+        kid_mean, kid_std = kernel_inception_distance(self.train_feats, feats, num_subsets=50)
+        out = {"sample_accuracy": acc["accuracy"], "sample_accuracy_per_class": acc["per_class"],
+               "real_heldout_accuracy": self.real_accuracy["accuracy"],
+               "real_heldout_accuracy_per_class": self.real_accuracy["per_class"],
+               "accuracy_ratio": acc["accuracy"] / max(self.real_accuracy["accuracy"], 1e-12),
+               "classifier_fd": frechet_distance(self.train_feats, feats),
+               "classifier_fd_heldout": frechet_distance(self.val_feats, feats),
+               "classifier_fd_real_floor": frechet_distance(self.train_feats, self.val_feats),
+               "classifier_kid": kid_mean, "classifier_kid_std": kid_std}
+        if memorization:
+            from evaluation.memorization import memorization_report
+            out["memorization"] = memorization_report(feats, self.val_feats, self.train_feats)
+        return out
+
+
+def balanced_labels(num_samples, num_classes):
+    return torch.arange(num_samples) % num_classes
+
+
+def inception_metrics(cfg, images_uint8, weights_path, device, cache_dir):
+    """Standard FID/KID against cached statistics of the real training images."""
+    from evaluation.inception import fid_kid, load_fid_inception, reference_stats
+    inception = load_fid_inception(weights_path, device)
+    features = lambda imgs: extract_features(inception, imgs, batch_size=100, device=device)  # noqa: E731
+    key = f"{cfg.dataset}-{os.path.abspath(cfg.data_root or 'default')}-{cfg.image_size}-train-inception2048"
+    mu, sigma, real_feats = reference_stats(key, cache_dir, lambda: features(real_split(cfg, "train")[0]))
+    return fid_kid(real_feats, features(images_uint8), real_stats=(mu, sigma))
+
+
+def git_commit():
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def evaluate_run(pipe, run_dir, args, seed):
+    """generate.py --evaluate: sample N images (balanced over classes), compute every metric,
+    write eval.json and print a table."""
+    cfg, device = pipe.cfg, pipe.device
+    n = args.num_samples or 2000
+    start = time.time()
+    classifier = load_real_classifier(cfg, device, getattr(args, "classifier_path", None))
+    offline = OfflineMetrics(classifier, cfg, device, pipe.num_classes)
+    labels = balanced_labels(n, pipe.num_classes)
+    t0 = time.time()
+    images = to_uint8(pipe.sample_batched(labels, batch_size=args.batch_size or 250, seed=seed))
+    sampling_seconds = time.time() - t0
+    result = {"num_samples": n, "seed": seed, "sampler": cfg.sampler, "steps": cfg.steps,
+              "guidance_scale": cfg.guidance_scale, "guidance_schedule": cfg.guidance_schedule,
+              "checkpoint": pipe.checkpoint_path, "classifier": classifier.checkpoint_path,
+              "dataset": cfg.dataset, "device": device_name(device), "commit": git_commit(),
+              "sampling_seconds": sampling_seconds, "class_names": pipe.class_names}
+    result.update(offline(images, labels))
+    from evaluation.memorization import save_closest_pairs
+    save_closest_pairs(os.path.join(run_dir, "memorization_closest_pairs.png"), images, offline.train_images,
+                       result["memorization"])
+    if args.no_fid:
+        result["fid_note"] = "skipped (--no_fid)"
+    else:
+        try:
+            cache = os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".fid_cache")
+            result.update(inception_metrics(cfg, images, args.inception_weights, device, cache))
+        except UserError as e:  # the offline metrics stand on their own; say what FID needs
+            print(f"note: FID/KID skipped: {e}", file=sys.stderr)
+            result["fid_note"] = str(e)
+    if getattr(args, "classify_images", 0):
+        result["diffusion_classifier"] = diffusion_classifier_accuracy(pipe, offline.val_images,
+                                                                       offline.val_labels, args.classify_images, seed)
+    result["total_seconds"] = time.time() - start
+    path = os.path.join(run_dir, "eval.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print_table(result)
+    print(path)
+    return result
+
+
+def diffusion_classifier_accuracy(pipe, images, labels, limit, seed):
+    from evaluation.diffusion_classifier import diffusion_classify
+    images, labels = images[:limit], labels[:limit]
+    start = time.time()
+    x0 = pipe.to_model_space(images)
+    preds = diffusion_classify(lambda x, t, y: pipe.eps_fn(x, t, y), x0, pipe.num_classes,
+                               pipe.schedule.alphas_cumprod.float(), seed=seed)
+    report = per_class_accuracy(preds.cpu(), labels, pipe.num_classes)
+    return {"accuracy": report["accuracy"], "per_class": report["per_class"], "images": len(images),
+            "seconds": time.time() - start}
+
+
+def classify_run(pipe, run_dir, args, seed):
+    """generate.py --classify: classify held-out real images with the denoiser itself."""
+    images, labels = real_split(pipe.cfg, "val")
+    limit = args.num_samples or 200
+    with torch.inference_mode():
+        result = diffusion_classifier_accuracy(pipe, images, labels, limit, seed)
+    result.update(class_names=pipe.class_names, checkpoint=pipe.checkpoint_path, device=device_name(pipe.device))
+    path = os.path.join(run_dir, "classify.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"diffusion classifier: accuracy {result['accuracy']:.4f} on {result['images']} held-out images "
+          f"in {result['seconds']:.1f} s")
+    for name, acc in zip(pipe.class_names, result["per_class"]):
+        print(f"  {name:>24s}: {acc:.4f}")
+    print(path)
+    return result
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def print_table(result):
+    rows = [("samples", result["num_samples"]),
+            ("sample accuracy (classifier)", f"{result['sample_accuracy']:.4f}"),
+            ("real held-out accuracy", f"{result['real_heldout_accuracy']:.4f}"),
+            ("ratio", f"{result['accuracy_ratio']:.3f}"),
+            ("classifier FD (vs train)", f"{result['classifier_fd']:.4f}"),
+            ("classifier FD real floor (val vs train)", f"{result['classifier_fd_real_floor']:.4f}"),
+            ("classifier KID", f"{result['classifier_kid']:.5f} ± {result['classifier_kid_std']:.5f}"),
+            ("near-copy fraction", f"{result['memorization']['near_copy_fraction']:.4f} "
+                                   f"(held-out real: {result['memorization']['heldout_flagged_fraction']:.4f})")]
+    if "fid" in result:
+        rows += [("FID (Inception)", f"{result['fid']:.3f}"),
+                 ("KID (Inception)", f"{result['kid_mean']:.5f} ± {result['kid_std']:.5f}")]
+    if "diffusion_classifier" in result:
+        rows.append(("diffusion-classifier accuracy", f"{result['diffusion_classifier']['accuracy']:.4f}"))
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")

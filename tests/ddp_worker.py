@@ -1,0 +1,102 @@
+"""Test-only DDP worker, launched by tests/test_distributed.py through torch.distributed.run:
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/ddp_worker.py MARKER_DIR <main.py flags but --epochs>
+
+Trains the denoiser through main.main (training.runner: DenoiserStage + DeviceBatcher + fit) for
+one epoch, then resumes it (--resume) to two, and after each run checks across ranks that the
+model, EMA and optimizer state are bit-identical (only rank 0 saves, so this cannot be checked
+from the files). It also checks that the ranks trained on different data shards, that validation
+metrics are averaged across ranks, and that resumed ranks draw their own random numbers. Each
+rank writes MARKER_DIR/rank<r>.json when all its checks pass.
+"""
+import json
+import sys
+from pathlib import Path
+from unittest import mock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's packages
+
+import torch  # noqa: E402
+
+import main  # noqa: E402
+from training import distributed as dist  # noqa: E402
+from training import runner  # noqa: E402
+
+
+def flat(tensors):
+    return torch.cat([t.detach().double().flatten().cpu() for t in tensors])
+
+
+def per_rank(vector):
+    """[world_size, n]: every rank's copy of a 1-D tensor."""
+    return dist.gather_tensor(vector[None])
+
+
+def same_on_all_ranks(vector):
+    rows = per_rank(vector)
+    return all(torch.equal(rows[0], row) for row in rows[1:])
+
+
+def differs_across_ranks(vector):
+    rows = per_rank(vector)
+    return all(not torch.equal(rows[0], row) for row in rows[1:])
+
+
+def training_state(stage):
+    optimizer_tensors = [v for s in stage.opt.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {"model": flat(stage.model.parameters()), "ema": flat(stage.ema.parameters()),
+            "optimizer": flat(optimizer_tensors)}
+
+
+def check_identical_state(stage, label, passed):
+    for name, vector in training_state(stage).items():
+        assert same_on_all_ranks(vector), f"{label}: {name} differs across ranks"
+        passed.append(f"{label}: {name} identical")
+
+
+def check_validation_is_averaged(stage, passed):
+    """Give each rank different held-out data: the logged val_loss must then be the mean of the
+    ranks' own losses, the same on every rank."""
+    stage.val_x = stage.val_x * (1 + dist.rank())
+    with mock.patch.object(dist, "mean_across_ranks", lambda value: value):
+        own = stage.validate(1)["val_loss"]
+    averaged = stage.validate(1)["val_loss"]
+    own_losses = per_rank(torch.tensor([own], dtype=torch.float64))[:, 0]
+    assert len(set(own_losses.tolist())) == len(own_losses), f"ranks' own val losses coincide: {own_losses}"
+    assert abs(averaged - float(own_losses.mean())) < 1e-9, (averaged, own_losses)
+    assert same_on_all_ranks(torch.tensor([averaged], dtype=torch.float64))
+    passed.append("val_loss averaged across ranks")
+
+
+def main_worker(marker_dir, flags):
+    calls = []  # (stage, batcher, resume_state) of each fit call
+    real_fit = runner.fit
+
+    def fit_and_keep(stage, batcher, cfg, run, total_epochs, resume_state=None):
+        calls.append((stage, batcher, resume_state))
+        return real_fit(stage, batcher, cfg, run, total_epochs, resume_state)
+
+    passed = []
+    with mock.patch.object(runner, "fit", fit_and_keep):
+        main.main(flags + ["--epochs", "1"])
+        stage, batcher, _ = calls[-1]
+        check_identical_state(stage, "after epoch 1", passed)
+        first_batch, _ = next(iter(batcher.epoch(0)))
+        assert differs_across_ranks(first_batch.flatten().double()), "ranks trained on the same batch"
+        passed.append("ranks get different shards")
+
+        main.main(flags + ["--epochs", "2", "--resume"])
+        stage, _, resume_state = calls[-1]
+        assert resume_state is not None and resume_state["epoch"] == 1, "the second run did not resume"
+        assert differs_across_ranks(resume_state["rng"]["torch"].double()), "resumed ranks share one RNG stream"
+        passed.append("resumed ranks have their own RNG streams")
+        check_identical_state(stage, "after resumed epoch 2", passed)
+        check_validation_is_averaged(stage, passed)
+
+    Path(marker_dir, f"rank{dist.rank()}.json").write_text(
+        json.dumps({"world_size": dist.world_size(), "passed": passed}))
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    main_worker(sys.argv[1], sys.argv[2:])

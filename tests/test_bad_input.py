@@ -1,0 +1,196 @@
+"""Bad input battery: wrong invocations of main.py, generate.py and visualize.py, each run as a
+real subprocess, must end with exit status 2, exactly one non-empty stderr line ("error: ..."),
+no traceback, and no file of an earlier run changed.
+
+Two tiny runs (one latent, one pixel) are trained once per module, in-process, and the
+generate/visualize cases point at them. The cases run a few at a time in the background (each
+is its own process) so the battery fits a small CI machine's time budget; every test then
+checks its own case.
+"""
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import fixtures
+from helpers_cli import REPO, assert_one_line_error, run_cli, snapshot, snapshot_diff
+
+IMAGE_SIZE = 16  # tiny images: the runs below are only there to be pointed at
+TRAIN = ["--dataset", "folder", "--preset", "tiny", "--batch_size", "8", "--image_size", IMAGE_SIZE,
+         "--base_channels", "16", "--perceptual_weight", "0", "--picture_every", "100"]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    script: str
+    args: tuple       # strings; "{name}" stands for a Paths attribute, "{fresh}" for an unused folder
+    contains: str     # text the one error line must hold (may name a path the same way)
+
+
+def case(id, script, *args, contains):
+    return Case(id, script, tuple(str(a) for a in args), contains)
+
+
+M = ("main.py", "--train_diffusion", "--model", "unet", *TRAIN, "--data_root", "{data}",
+     "--results_dir", "{fresh}")  # a valid fresh pixel run, to which each case adds one bad thing
+
+CASES = [
+    # --- main.py: names, sizes, counts, ranges
+    case("main_unknown_dataset", *M, "--dataset", "imagenet_zzz", contains="unknown dataset"),
+    case("main_unknown_model", *M, "--model", "resnet_zzz", contains="--model"),
+    case("main_unknown_sampler", *M, "--sampler", "euler_zzz", contains="--sampler"),
+    case("main_batch_size_zero", *M, "--batch_size", "0", contains="--batch_size"),
+    case("main_epochs_zero", *M, "--epochs", "0", contains="--epochs"),
+    case("main_subset_negative", *M, "--subset", "-5", contains="--subset"),
+    case("main_image_size_zero", *M, "--image_size", "0", contains="--image_size"),
+    case("main_steps_negative", *M, "--steps", "-1", contains="--steps"),
+    case("main_guidance_negative", *M, "--guidance_scale", "-1", contains="--guidance_scale"),
+    case("main_no_stage", "main.py", *TRAIN, "--data_root", "{data}", "--results_dir", "{fresh}",
+         contains="required"),
+    # --- main.py: data
+    case("main_missing_data", *M, "--data_root", "{missing}", contains="does not exist"),
+    case("main_empty_data", *M, "--data_root", "{empty}", contains="class"),
+    case("main_one_class", *M, "--data_root", "{one_class}", contains="one class"),
+    case("main_unreadable_image", *M, "--data_root", "{garbage}", contains="cannot read image"),
+    # --- main.py: run folders and checkpoints
+    case("main_results_under_file", *M[:-1], "{a_file}/run", contains="results folder"),
+    case("main_resume_nothing", *M, "--resume", contains="nothing to resume"),
+    case("main_checkpoint_without_total", *M, "--checkpoint_path", "{pixel}/conditional_diffusion_last.pt",
+         contains="--total_epochs"),
+    case("main_checkpoint_missing", *M, "--checkpoint_path", "{missing}.pt", "--total_epochs", "3",
+         contains="not found"),
+    case("main_checkpoint_truncated", *M, "--checkpoint_path", "{truncated}", "--total_epochs", "3",
+         contains="not a readable checkpoint"),
+    case("main_checkpoint_text", *M, "--checkpoint_path", "{text}", "--total_epochs", "3",
+         contains="not a readable checkpoint"),
+    case("main_checkpoint_other_model", *M, "--checkpoint_path", "{pixel}/conditional_diffusion_last.pt",
+         "--total_epochs", "3", "--model", "attn_unet", contains="model"),
+    case("main_train_vae_pixel_model", "main.py", "--train_vae", "--model", "unet", *TRAIN, "--data_root",
+         "{data}", "--results_dir", "{fresh}", contains="no VAE"),
+    case("main_fresh_run_over_earlier_run", *M[:-1], "{pixel}", contains="--resume"),
+    case("main_resume_with_missing_data", *M[:-4], "--data_root", "{missing}", "--results_dir", "{pixel}",
+         "--resume", "--epochs", "2", contains="does not exist"),
+    # --- generate.py
+    case("gen_no_results_dir", "generate.py", contains="--results_dir"),
+    case("gen_num_samples_zero", "generate.py", "--results_dir", "{pixel}", "--num_samples", "0",
+         contains="--num_samples"),
+    case("gen_steps_too_many", "generate.py", "--results_dir", "{pixel}", "--steps", "100000", contains="--steps"),
+    case("gen_unknown_class", "generate.py", "--results_dir", "{pixel}", "--class_name", "zebra",
+         contains="unknown class"),
+    case("gen_model_path_missing", "generate.py", "--model_path", "{missing}.pt", contains="does not exist"),
+    case("gen_model_path_truncated", "generate.py", "--model_path", "{truncated}",
+         contains="not a readable checkpoint"),
+    case("gen_model_path_vae", "generate.py", "--model_path", "{latent}/vae_gan_best.pt", contains="vae_gan"),
+    case("gen_other_dataset", "generate.py", "--results_dir", "{pixel}", "--dataset", "cifar10",
+         contains="dataset"),
+    case("gen_output_under_file", "generate.py", "--results_dir", "{pixel}", "--output_dir", "{a_file}/out",
+         "--num_samples", "1", contains="{a_file}"),
+    # --- visualize.py
+    case("vis_unknown_mode", "visualize.py", "--mode", "tsne_zzz", "--results_dir", "{pixel}", contains="--mode"),
+    case("vis_latent_space_pixel_run", "visualize.py", "--mode", "latent_space", "--results_dir", "{pixel}",
+         contains="latent model"),
+    case("vis_unknown_class", "visualize.py", "--mode", "denoising_steps", "--results_dir", "{latent}",
+         "--class_name", "zebra", contains="unknown class"),
+    case("vis_results_missing", "visualize.py", "--mode", "samples_grid", "--results_dir", "{missing}",
+         contains="does not exist"),
+    case("vis_guidance_negative", "visualize.py", "--mode", "samples_grid", "--results_dir", "{pixel}",
+         "--guidance_scale", "-1", contains="--guidance_scale"),
+    case("vis_model_path_text", "visualize.py", "--mode", "samples_grid", "--model_path", "{text}",
+         contains="not a readable checkpoint"),
+]
+
+
+class Paths:
+    """Everything the cases point at, as strings for str.format."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.fresh = root / "fresh"  # one never-before-used results folder per case
+        self.data = fixtures.make_image_folder(root / "data", n_train=8, n_test=2, size=IMAGE_SIZE)
+        self.missing = root / "does_not_exist"
+        self.empty = root / "empty"
+        self.empty.mkdir()
+        self.one_class = fixtures.make_image_folder(root / "one_class", classes=("cat",), n_train=4,
+                                                    size=IMAGE_SIZE)
+        self.garbage = fixtures.make_image_folder(root / "garbage", n_train=4, n_test=0, size=IMAGE_SIZE,
+                                                  with_test=False)
+        (self.garbage / "train" / "dog" / "0002.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png" * 10)
+        self.a_file = root / "a_regular_file"
+        self.a_file.write_text("results cannot go under a file\n")
+        self.text = root / "notes.pt"
+        self.text.write_text("this is a text file, not a checkpoint\n")
+        self.pixel = root / "pixel_run"
+        self.latent = root / "latent_run"
+        self.truncated = root / "truncated.pt"
+
+    def format_dict(self):
+        return {k: str(v) for k, v in self.__dict__.items()}
+
+
+def _train_runs(paths: Paths):
+    """One latent run (VAE-GAN + denoiser) and one pixel run, 1 epoch each, in-process."""
+    import main
+    common = [*map(str, TRAIN), "--data_root", str(paths.data)]
+    assert main.main(["--train_all", *common, "--vae_epochs", "1", "--diffusion_epochs", "1",
+                      "--results_dir", str(paths.latent)]) == 0
+    assert main.main(["--train_diffusion", "--model", "unet", *common, "--epochs", "1",
+                      "--results_dir", str(paths.pixel)]) == 0
+    data = (paths.pixel / "conditional_diffusion_final.pt").read_bytes()
+    paths.truncated.write_bytes(data[: len(data) // 2])
+
+
+class Battery:
+    """Runs the selected cases in the background, a few processes at a time."""
+
+    def __init__(self, paths: Paths, cases: list[Case], workers: int = 3):
+        self.paths = paths
+        self.watched = {"pixel run": paths.pixel, "latent run": paths.latent, "data": paths.data,
+                        "repository results/": REPO / "results"}
+        self.before = {name: snapshot(folder) for name, folder in self.watched.items()}
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        fmt = paths.format_dict()
+        self.futures = {c.id: self.pool.submit(run_cli, c.script, *self._argv(c, fmt), timeout=240) for c in cases}
+
+    def _argv(self, case: Case, fmt: dict) -> list[str]:
+        fmt = dict(fmt, fresh=str(self.paths.fresh / case.id))
+        return [str(a).format(**fmt) for a in case.args]
+
+    def result(self, case_id):
+        return self.futures[case_id].result()
+
+    def changes(self) -> list[str]:
+        return [f"{name}: {change}" for name, folder in self.watched.items()
+                for change in snapshot_diff(self.before[name], snapshot(folder))]
+
+
+@pytest.fixture(scope="module")
+def battery(request, tmp_path_factory):
+    paths = Paths(tmp_path_factory.mktemp("bad_input"))
+    _train_runs(paths)
+    selected = {item.callspec.params["case"].id for item in request.session.items
+                if getattr(item, "callspec", None) is not None and isinstance(item.callspec.params.get("case"), Case)}
+    battery = Battery(paths, [c for c in CASES if c.id in selected])
+    yield battery
+    battery.pool.shutdown(wait=True, cancel_futures=True)
+    shutil.rmtree(paths.root / "fresh", ignore_errors=True)
+
+
+def test_enough_cases():
+    assert len(CASES) >= 25
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert {c.script for c in CASES} == {"main.py", "generate.py", "visualize.py"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_invocation(battery, case):
+    result = battery.result(case.id)
+    contains = case.contains.format(**battery.paths.format_dict())
+    assert_one_line_error(result, status=2, contains=contains)
+    changes = battery.changes()
+    assert not changes, f"files of earlier runs changed (by this case or one running beside it): {changes}\n" \
+                        f"{result.describe()}"

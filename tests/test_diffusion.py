@@ -1,0 +1,196 @@
+"""Diffusion maths against closed forms: schedules, posterior, parameterisations, samplers on
+Gaussian data (where the exact answer is known), guidance."""
+import math
+
+import pytest
+import torch
+
+from diffusion.guidance import guidance_scale_at, make_denoiser
+from diffusion.objective import DiffusionLoss, loss_weight, target_for, to_x0_eps
+from diffusion.samplers import ddim, ddpm, dpmpp_2m
+from diffusion.schedule import NoiseSchedule, sampling_timesteps
+
+
+def test_linear_schedule_matches_closed_form():
+    s = NoiseSchedule("linear", 1000, 1e-4, 0.02)
+    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
+    expected = torch.tensor(betas, dtype=torch.float64)
+    assert torch.allclose(s.betas, expected)
+    abar = 1.0
+    for i, b in enumerate(betas):
+        abar *= 1 - b
+        if i in (0, 1, 500, 999):
+            assert s.alphas_cumprod[i].item() == pytest.approx(abar, rel=1e-12)
+
+
+def test_cosine_schedule_matches_closed_form():
+    s = NoiseSchedule("cosine", 1000)
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for i in (0, 10, 500, 900):  # index i is t = i + 1
+        assert s.alphas_cumprod[i].item() == pytest.approx(f(i + 1) / f(0), rel=1e-9)
+    assert (s.betas <= 0.999).all() and (s.betas > 0).all()
+    assert torch.all(s.alphas_cumprod[1:] < s.alphas_cumprod[:-1])
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_posterior_matches_gaussian_conditioning(kind):
+    """q(x_s | x_t, x0) from the schedule equals the conditional of the joint Gaussian
+    (x_s, x_t) | x0 computed directly."""
+    sched = NoiseSchedule(kind, 1000)
+    for t, s in ((1, 0), (500, 499), (999, 998), (700, 300), (5, -1)):
+        a_t, a_s = sched.abar(torch.tensor(t)).item(), sched.abar(torch.tensor(s)).item()
+        # x_s = sqrt(a_s) x0 + sqrt(1-a_s) e1;  x_t = sqrt(a_t/a_s) x_s + sqrt(1-a_t/a_s) e2
+        var_s, cov = 1 - a_s, math.sqrt(a_t / a_s) * (1 - a_s)
+        var_t = 1 - a_t
+        x0, x_t = torch.tensor([0.7]), torch.tensor([-0.3])
+        cond_mean = math.sqrt(a_s) * 0.7 + cov / var_t * (-0.3 - math.sqrt(a_t) * 0.7)
+        cond_var = var_s - cov ** 2 / var_t
+        mean, var = sched.posterior_mean_variance(x0, x_t, torch.tensor([t]), torch.tensor([s]))
+        assert mean.item() == pytest.approx(cond_mean, abs=1e-6)
+        assert var.item() == pytest.approx(cond_var, abs=1e-7)
+        if s == t - 1 and t > 0:  # the DDPM paper's beta-tilde
+            beta = sched.betas[t].item()
+            assert var.item() == pytest.approx(beta * (1 - a_s) / (1 - a_t), rel=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_parameterisations_round_trip(prediction):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    sched = NoiseSchedule("cosine", 1000)
+    t = torch.tensor([0, 100, 600, 999])
+    alpha, sigma = sched.alpha_sigma(t, x0)
+    x_t = alpha * x0 + sigma * eps
+    out = target_for(prediction, x0, eps, alpha, sigma)
+    x0_hat, eps_hat = to_x0_eps(out, x_t, alpha, sigma, prediction)
+    tol = 5e-3 if prediction == "x0" else 1e-4  # eps from x0 divides by a small sigma at t=0
+    assert torch.allclose(x0_hat, x0, atol=2e-3 if prediction == "eps" else 1e-4)
+    assert torch.allclose(eps_hat, eps, atol=tol)
+
+
+def test_min_snr_weights_equal_clipped_snr_on_x0_error():
+    snr = torch.tensor([0.01, 1.0, 5.0, 100.0])
+    # The eps error is snr times the x0 error, the v error (snr + 1) times: each weight makes
+    # the effective x0-error weight min(snr, 5).
+    assert torch.allclose(loss_weight(snr, "eps", "min_snr") * snr, snr.clamp(max=5))
+    assert torch.allclose(loss_weight(snr, "v", "min_snr") * (snr + 1), snr.clamp(max=5))
+    assert torch.allclose(loss_weight(snr, "x0", "min_snr"), snr.clamp(max=5))
+    assert torch.equal(loss_weight(snr, "v", "uniform"), torch.ones(4))
+
+
+def test_loss_is_zero_for_the_exact_target():
+    sched = NoiseSchedule("linear", 100)
+    x0 = torch.randn(6, 2, 4, 4)
+    t, noise = torch.randint(0, 100, (6,)), torch.randn(6, 2, 4, 4)
+    oracle = lambda x_t, t_, y: noise  # noqa: E731
+    assert DiffusionLoss(sched, "eps")(oracle, x0, None, t=t, noise=noise).item() == pytest.approx(0, abs=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("spacing", ["time", "logsnr"])
+def test_sampling_timesteps_are_distinct_and_span_the_schedule(kind, spacing):
+    sched = NoiseSchedule(kind, 1000)
+    assert sampling_timesteps(sched, 1000, spacing).tolist() == list(range(999, -1, -1))
+    for steps in (1, 5, 20, 999):
+        ts = sampling_timesteps(sched, steps, spacing).tolist()
+        assert len(ts) == steps and ts[0] == 999 and ts == sorted(set(ts), reverse=True) and min(ts) >= 0
+        if steps > 1:
+            assert ts[-1] == 0
+    with pytest.raises(ValueError):
+        sampling_timesteps(NoiseSchedule(kind, 100), 101, spacing)
+
+
+# --- samplers on Gaussian data: x0 ~ N(mu, s^2 I), whose exact denoiser is known ---
+MU, S = 0.5, 0.4
+
+
+def gaussian_denoiser(schedule):
+    def denoise(x, t):
+        alpha, sigma = schedule.alpha_sigma(t, x)
+        x0 = MU + alpha * S ** 2 / (alpha ** 2 * S ** 2 + sigma ** 2) * (x - alpha * MU)
+        return x0, (x - alpha * x0) / sigma
+    return denoise
+
+
+def exact_ode_endpoint(schedule, x_T):
+    """The probability-flow ODE keeps (x_t - a_t mu) / sqrt(a_t^2 s^2 + sigma_t^2) fixed."""
+    a = schedule.abar(torch.tensor(schedule.timesteps - 1)).item()
+    return MU + S * (x_T - math.sqrt(a) * MU) / math.sqrt(a * S ** 2 + 1 - a)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_ddim_all_steps_follows_the_deterministic_path(kind):
+    sched = NoiseSchedule(kind, 1000)
+    x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    out = ddim(gaussian_denoiser(sched), x_T, sched, 1000, eta=0.0)
+    assert torch.allclose(out, exact_ode_endpoint(sched, x_T), atol=5e-3)
+    again = ddim(gaussian_denoiser(sched), x_T, sched, 1000, eta=0.0, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(out, again)  # eta = 0 uses no randomness
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_dpmpp_20_steps_matches_ddim_1000_and_the_exact_answer(kind):
+    sched = NoiseSchedule(kind, 1000)
+    x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = exact_ode_endpoint(sched, x_T)
+    fast = dpmpp_2m(gaussian_denoiser(sched), x_T, sched, 20)
+    slow = ddim(gaussian_denoiser(sched), x_T, sched, 1000)
+    ddim20 = ddim(gaussian_denoiser(sched), x_T, sched, 20)
+    rms = lambda a, b: (a - b).pow(2).mean().sqrt().item()  # noqa: E731
+    err_fast, err_ddim20 = rms(fast, exact), rms(ddim20, exact)
+    assert err_fast < 0.02 * S  # within 2% of the data's standard deviation
+    assert (fast - exact).abs().max().item() < 0.1 * S
+    assert rms(fast, slow) < 0.02 * S
+    assert err_fast < err_ddim20  # second order beats first order at the same step count
+
+
+def test_ddim_eta1_is_the_ddpm_posterior_step():
+    """DDPM = DDIM with eta = 1: each step samples exactly q(x_s | x_t, x0_hat)."""
+    sched = NoiseSchedule("linear", 1000)
+    den = gaussian_denoiser(sched)
+    x_T = torch.randn(64, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out = ddpm(den, x_T, sched, 25, generator=torch.Generator().manual_seed(5))
+    g, x = torch.Generator().manual_seed(5), x_T
+    ts = sampling_timesteps(sched, 25).tolist() + [-1]
+    for t, s in zip(ts[:-1], ts[1:]):
+        x0, _ = den(x, torch.full((len(x),), t))
+        mean, var = sched.posterior_mean_variance(x0, x, torch.tensor([t]), torch.tensor([s]))
+        x = mean.double() + (var.double().sqrt() * torch.randn(x.shape, generator=g, dtype=x.dtype) if s >= 0 else 0)
+    assert torch.allclose(out, x, atol=1e-5)
+
+
+def test_ddpm_samples_the_data_distribution():
+    sched = NoiseSchedule("cosine", 1000)
+    x_T = torch.randn(20000, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out = ddpm(gaussian_denoiser(sched), x_T, sched, 250, generator=torch.Generator().manual_seed(4))
+    assert out.mean().item() == pytest.approx(MU, abs=0.02)
+    assert out.std().item() == pytest.approx(S, rel=0.05)
+
+
+class ToyModel(torch.nn.Module):
+    """Output depends on the label, so guided and unguided outputs differ."""
+
+    def forward(self, x, t, y):
+        return x * 0.5 + y.float().view(-1, *([1] * (x.dim() - 1))) * 0.1
+
+
+def test_guidance_scale_one_is_exactly_unguided_and_zero_is_unconditional():
+    sched = NoiseSchedule("linear", 100)
+    model, x, t = ToyModel(), torch.randn(3, 2, 4, 4), torch.tensor([50, 50, 50])
+    labels = torch.tensor([0, 1, 1])
+    plain = model(x, t, labels)
+    uncond = model(x, t, torch.full_like(labels, 2))
+    for w, expected in ((1.0, plain), (0.0, uncond), (3.0, uncond + 3 * (plain - uncond))):
+        den = make_denoiser(model, sched, "eps", labels, null_label=2, guidance_scale=w)
+        _, eps = den(x, t)
+        assert torch.allclose(eps, expected, atol=1e-6)
+    _, eps = make_denoiser(model, sched, "eps", labels, 2, 1.0)(x, t)
+    assert torch.equal(eps, plain)  # bit-exact: the unconditional branch is not evaluated
+
+
+def test_guidance_schedules_average_to_the_constant_scale():
+    for name in ("constant", "linear", "adaptive"):
+        values = [guidance_scale_at(3.0, name, p / 299) for p in range(300)]
+        assert sum(values) / len(values) == pytest.approx(3.0, rel=0.02)
+    assert guidance_scale_at(3.0, "adaptive", 0.0) < 3.0 < guidance_scale_at(3.0, "adaptive", 1.0)
+    assert guidance_scale_at(1.0, "adaptive", 0.9) == 1.0

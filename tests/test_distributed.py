@@ -1,0 +1,99 @@
+"""Multi-process training as `torchrun --nproc_per_node=2 main.py ...` runs it: two CPU processes
+over gloo. The ranks must end with identical weights (checked inside tests/ddp_worker.py, since by
+design only rank 0 saves), only rank 0 may write the run folder, and --resume must work.
+Two launches in all (each pays torch's import twice), to stay well under a minute on a small CPU."""
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ["conditional_diffusion_best.pt", "conditional_diffusion_final.pt", "conditional_diffusion_last.pt"]
+
+pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                                reason="this PyTorch build has no gloo backend")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args):
+    """Run `args` in two processes; fail with both ranks' output if the launch fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two processes on a small CPU: one thread each
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def train_flags(data_root, results_dir):
+    return ["--train_diffusion", "--model", "unet", "--dataset", "folder", "--data_root", data_root,
+            "--preset", "tiny", "--batch_size", "8", "--results_dir", results_dir, "--device", "cpu", "--seed", "3"]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_one_writer(run_dir, epochs):
+    """Exactly one set of checkpoints, no stray temporary files, and every metric once per epoch."""
+    assert sorted(p.name for p in run_dir.glob("*.pt")) == CHECKPOINTS
+    assert [p.name for p in run_dir.rglob("*") if ".tmp" in p.name or p.name.startswith(".")] == []
+    assert json.loads((run_dir / "config.json").read_text())["batch_size"] == 8
+    with open(run_dir / "metrics.csv") as f:
+        counts = Counter((row["epoch"], row["name"]) for row in csv.DictReader(f))
+    assert {int(epoch) for epoch, _ in counts} == set(range(1, epochs + 1))
+    assert set(counts.values()) == {1}, counts
+    assert all((str(epoch), "val_loss") in counts for epoch in range(1, epochs + 1))
+
+
+@pytest.fixture(scope="module")
+def worker_run(tmp_path_factory, image_folder_root):
+    """tests/ddp_worker.py under torchrun: epoch 1, then --resume to epoch 2, checking the ranks."""
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "markers").mkdir()
+    result = torchrun("tests/ddp_worker.py", root / "markers", *train_flags(image_folder_root, root / "run"))
+    return root / "run", root / "markers", result
+
+
+def test_ranks_end_with_identical_weights(worker_run):
+    _, markers, _ = worker_run
+    for rank in (0, 1):
+        report = json.loads((markers / f"rank{rank}.json").read_text())
+        assert report["world_size"] == 2
+        for check in ("after epoch 1: model identical", "after resumed epoch 2: model identical",
+                      "after resumed epoch 2: ema identical", "ranks get different shards",
+                      "resumed ranks have their own RNG streams", "val_loss averaged across ranks"):
+            assert check in report["passed"]
+
+
+def test_only_rank_zero_writes(worker_run):
+    run_dir, _, result = worker_run
+    assert_one_writer(run_dir, epochs=2)
+    assert result.stderr.count("resuming conditional_diffusion at epoch 1") == 1  # rank 0 alone speaks
+    assert load(run_dir / "conditional_diffusion_final.pt")["epoch"] == 2
+
+
+def test_main_py_resumes_under_torchrun(worker_run, tmp_path, image_folder_root):
+    run_dir = tmp_path / "run"
+    shutil.copytree(worker_run[0], run_dir)
+    steps_per_epoch = load(run_dir / "conditional_diffusion_last.pt")["step"] // 2
+
+    result = torchrun("main.py", *train_flags(image_folder_root, run_dir), "--resume", "--epochs", "3")
+    assert result.stderr.count("resuming conditional_diffusion at epoch 2") == 1
+    last = load(run_dir / "conditional_diffusion_last.pt")
+    assert last["epoch"] == 3 and last["step"] == 3 * steps_per_epoch
+    assert load(run_dir / "conditional_diffusion_final.pt")["epoch"] == 3
+    assert_one_writer(run_dir, epochs=3)

@@ -1,0 +1,119 @@
+"""Every command of the README, end to end on CPU with --preset tiny, on generated fixtures
+in the real on-disk formats (in-process: the entry points' main(argv) is what `python X.py` runs)."""
+import json
+import os
+
+import imageio.v2 as imageio
+import pytest
+import torch
+
+import generate
+import main
+import visualize
+from training.checkpoint import load_checkpoint
+
+TINY = ["--preset", "tiny", "--batch_size", "8", "--perceptual_weight", "0", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def latent_run(tmp_path_factory, cifar10_root):
+    """A tiny latent run on the CIFAR-10 cats/dogs fixture (pickle batches)."""
+    run = str(tmp_path_factory.mktemp("latent_run"))
+    main.main(["--train_all", "--dataset", "cifar10_catdog", "--data_root", str(cifar10_root),
+               "--vae_epochs", "2", "--diffusion_epochs", "2", "--results_dir", run] + TINY)
+    return run
+
+
+def test_training_writes_the_run_folder(latent_run):
+    for name in ("config.json", "metrics.csv", "vae_gan_best.pt", "vae_gan_last.pt", "conditional_diffusion_final.pt",
+                 "conditional_diffusion_best.pt", "autoencoder_losses.png", "diffusion_loss.png",
+                 "vae_samples_grid_subset.png", "pictures/samples_epoch0002.png",
+                 "pictures/reconstructions_epoch0001.png"):
+        assert os.path.isfile(os.path.join(latent_run, name)), name
+    with open(os.path.join(latent_run, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["dataset"] == "cifar10_catdog" and cfg["preset"] == "tiny" and cfg["batch_size"] == 8
+    state = load_checkpoint(os.path.join(latent_run, "conditional_diffusion_final.pt"))
+    stage = state["stage"]
+    assert state["epoch"] == 2 and stage["class_names"] == ["cat", "dog"]
+    assert {"model", "ema", "opt", "sched", "vae", "latent_shift", "latent_scale"} <= set(stage)
+    assert stage["latent_scale"].shape == (4, 1, 1) and (stage["latent_scale"] > 0).all()
+    vae = load_checkpoint(os.path.join(latent_run, "vae_gan_last.pt"))["stage"]
+    assert {"vae", "disc", "center_loss", "opt_g", "opt_d"} <= set(vae)
+
+
+def test_generate_writes_grid_and_images_and_is_seeded(latent_run, tmp_path):
+    out1, out2, out3 = (str(tmp_path / n) for n in ("a", "b", "c"))
+    args = ["--results_dir", latent_run, "--class_name", "dog", "--num_samples", "4", "--device", "cpu"]
+    assert generate.main(args + ["--output_dir", out1, "--seed", "7"]) == 0
+    assert generate.main(args + ["--output_dir", out2, "--seed", "7"]) == 0
+    assert generate.main(args + ["--output_dir", out3, "--seed", "8"]) == 0
+    assert os.path.isfile(os.path.join(out1, "dog_grid.png"))
+    assert sorted(os.listdir(os.path.join(out1, "dog"))) == [f"dog_{i:03d}.png" for i in range(4)]
+    read = lambda d: imageio.imread(os.path.join(d, "dog", "dog_000.png"))  # noqa: E731
+    assert (read(out1) == read(out2)).all()       # same seed, same images
+    assert not (read(out1) == read(out3)).all()   # another seed, other images
+
+
+def test_generate_all_classes_and_sampler_options(latent_run, tmp_path):
+    out = str(tmp_path / "all")
+    assert generate.main(["--results_dir", latent_run, "--class_name", "all", "--num_samples", "2", "--output_dir", out,
+                          "--sampler", "dpmpp", "--steps", "5", "--guidance_scale", "3",
+                          "--guidance_schedule", "adaptive", "--device", "cpu"]) == 0
+    assert {"cat_grid.png", "dog_grid.png"} <= set(os.listdir(out))
+
+
+def test_animation_is_a_gif_of_the_reverse_process(latent_run):
+    assert generate.main(["--results_dir", latent_run, "--create_animation", "--class_name", "cat",
+                          "--device", "cpu"]) == 0
+    frames = imageio.mimread(os.path.join(latent_run, "diffusion_animation_cat.gif"))
+    assert len(frames) > 5
+    assert frames[0].std() > 0 and not (frames[0] == frames[-1]).all()
+
+
+@pytest.mark.parametrize("mode", ["latent_space", "samples_grid", "denoising_steps", "reconstructions",
+                                  "loss_curves", "forward_process", "steps_comparison", "denoising_path"])
+def test_every_visualize_mode(latent_run, mode):
+    assert visualize.main(["--results_dir", latent_run, "--mode", mode, "--class_name", "dog", "--device", "cpu"]) == 0
+    expected = {"latent_space": "latent_space.png", "samples_grid": "samples_grid.png",
+                "denoising_steps": "denoising_steps_dog.png", "reconstructions": "reconstructions.png",
+                "loss_curves": "diffusion_loss.png", "forward_process": "forward_process.png",
+                "steps_comparison": "steps_comparison_dog.png", "denoising_path": "denoising_path_dog.png"}[mode]
+    assert os.path.getsize(os.path.join(latent_run, expected)) > 1000
+
+
+def test_image_folder_dataset_end_to_end(image_folder_root, tmp_path):
+    run = str(tmp_path / "folder_run")
+    assert main.main(["--train_all", "--dataset", "folder", "--data_root", str(image_folder_root),
+                      "--vae_epochs", "1", "--diffusion_epochs", "1", "--results_dir", run] + TINY) == 0
+    out = str(tmp_path / "gen")
+    assert generate.main(["--results_dir", run, "--class_name", "cat", "--num_samples", "3", "--output_dir", out,
+                          "--device", "cpu"]) == 0
+    assert len(os.listdir(os.path.join(out, "cat"))) == 3
+
+
+def test_evaluate_and_classify_write_complete_reports(latent_run, cifar10_root, tmp_path):
+    import pytorch_fid.inception
+    from evaluation.inception import _fid_weights_source
+    classifier_dir = str(tmp_path / "classifier")
+    assert main.main(["--train_classifier", "--dataset", "cifar10_catdog", "--data_root", str(cifar10_root),
+                      "--epochs", "2", "--results_dir", classifier_dir] + TINY) == 0
+    report = json.load(open(os.path.join(classifier_dir, "classifier_report.json")))
+    assert len(report["per_class"]) == 2
+    # The real-weights path, with random Inception weights saved in the standard file format.
+    with _fid_weights_source(None):
+        random_state = pytorch_fid.inception.fid_inception_v3().state_dict()
+    weights = str(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+    torch.save(random_state, weights)
+    assert generate.main(["--evaluate", "--results_dir", latent_run, "--num_samples", "16", "--device", "cpu",
+                          "--classifier_path", os.path.join(classifier_dir, "classifier_best.pt"),
+                          "--inception_weights", weights, "--classify_images", "4", "--steps", "5"]) == 0
+    result = json.load(open(os.path.join(latent_run, "eval.json")))
+    for key in ("num_samples", "seed", "sampler", "steps", "guidance_scale", "checkpoint", "device",
+                "total_seconds", "sample_accuracy", "sample_accuracy_per_class", "real_heldout_accuracy",
+                "classifier_fd", "classifier_kid", "memorization", "fid", "kid_mean", "diffusion_classifier"):
+        assert key in result, key
+    assert result["num_samples"] == 16 and result["steps"] == 5
+    assert os.path.isfile(os.path.join(latent_run, "memorization_closest_pairs.png"))
+    assert generate.main(["--classify", "--results_dir", latent_run, "--num_samples", "4", "--device", "cpu"]) == 0
+    assert 1 <= json.load(open(os.path.join(latent_run, "classify.json")))["images"] <= 4  # the fixture holds few

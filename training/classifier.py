@@ -1,0 +1,117 @@
+"""The real-data classifier stage (`main.py --train_classifier`): a small ResNet trained on the
+real training split; its held-out accuracy is the reference for the offline sample metrics."""
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+
+from data import to_float
+from data.batcher import DeviceBatcher
+from evaluation.metrics import per_class_accuracy
+from models.classifier import ImageClassifier
+from training import distributed as dist
+from training.optim import autocast, grads_finite_step, make_optimizer
+
+CLASSIFIER_FILE = "classifier_best.pt"
+
+
+def default_classifier_dir(cfg):
+    return os.path.join("results", f"{cfg.dataset}_classifier")
+
+
+def random_translate(x, max_shift=4):
+    """Per-sample random shifts of up to max_shift pixels with reflected borders (the usual
+    pad-and-crop augmentation, done on the device)."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="reflect")
+    dx, dy = (torch.randint(0, 2 * max_shift + 1, (b,), device=x.device) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None].expand(b, h, w)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :].expand(b, h, w)
+    flat = rows * padded.shape[-1] + cols
+    return padded.flatten(2).gather(2, flat.flatten(1)[:, None].expand(-1, x.shape[1], -1)).view_as(x)
+
+
+def build_classifier(cfg, num_classes):
+    return ImageClassifier(num_classes, cfg.image_size, cfg.classifier_width)
+
+
+class ClassifierStage:
+    kind = "classifier"
+    last_name, best_name = "classifier_last.pt", CLASSIFIER_FILE
+    best_metric = ("val_accuracy", "max")
+
+    def __init__(self, cfg, class_names, device, val_set, steps_total, run):
+        self.cfg, self.device, self.run, self.class_names = cfg, device, run, list(class_names)
+        self.model = build_classifier(cfg, len(class_names)).to(device)
+        self.train_model = dist.wrap(self.model, device)
+        self.opt = make_optimizer(self.model.parameters(), cfg.classifier_lr, weight_decay=5e-4, device=device)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, cfg.classifier_lr, total_steps=max(steps_total, 1))
+        self.val_images, self.val_labels = val_set.images, val_set.labels
+
+    def train_step(self, x, y, epoch):
+        with autocast(self.device, self.cfg.amp):
+            loss = F.cross_entropy(self.train_model(random_translate(x)).float(), y, label_smoothing=0.1)
+        if not grads_finite_step(loss, list(self.model.parameters()), self.opt, self.cfg.grad_clip):
+            return None
+        if self.sched.last_epoch + 1 < self.sched.total_steps:
+            self.sched.step()
+        return {"loss": loss.detach()}
+
+    def validate(self, epoch):
+        report = evaluate_classifier(self.model, self.val_images, self.val_labels, len(self.class_names), self.device)
+        row = {"val_accuracy": report["accuracy"]}
+        if len(self.class_names) <= 10:
+            row.update({f"val_accuracy_{c}": a for c, a in zip(self.class_names, report["per_class"])})
+        return row
+
+    def pictures(self, epoch):
+        from viz.figures import plot_losses
+        plot_losses(self.run, self.kind, self.run.path("classifier_losses.png"))
+
+    def state_dict(self):
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "class_names": self.class_names, "width": self.cfg.classifier_width}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+
+
+@torch.no_grad()
+def classifier_logits(model, images_uint8, device, batch_size=500):
+    model.eval()
+    return torch.cat([model(to_float(images_uint8[i:i + batch_size].to(device))).float().cpu()
+                      for i in range(0, len(images_uint8), batch_size)])
+
+
+def evaluate_classifier(model, images_uint8, labels, num_classes, device):
+    was_training = model.training
+    report = per_class_accuracy(classifier_logits(model, images_uint8, device), labels, num_classes)
+    model.train(was_training)
+    return report
+
+
+def train_classifier(cfg, resume=False):
+    from training.loop import fit
+    from training.runner import _start, load_splits, resume_state_for
+    device, run = _start(cfg)
+    state = resume_state_for(cfg, ClassifierStage, resume)
+    train, val = load_splits(cfg)
+    batcher = DeviceBatcher(train.images, train.labels, cfg.classifier_batch_size // dist.world_size(), device,
+                            flip=True, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size())
+    stage = ClassifierStage(cfg, train.class_names, device, val, len(batcher) * cfg.classifier_epochs, run)
+    fit(stage, batcher, cfg, run, cfg.classifier_epochs, state)
+    if dist.is_main():  # the held-out report, per class, from the best checkpoint
+        from training.checkpoint import load_checkpoint
+        stage.model.load_state_dict(load_checkpoint(run.path(CLASSIFIER_FILE))["stage"]["model"])
+        report = evaluate_classifier(stage.model, val.images, val.labels, len(train.class_names), device)
+        report["class_names"] = train.class_names
+        report["heldout_images"] = len(val.images)
+        with open(run.path("classifier_report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"held-out accuracy {report['accuracy']:.4f} on {len(val.images)} images")
+        for name, acc in zip(train.class_names, report["per_class"]):
+            print(f"  {name:>24s}: {acc:.4f}")
+    return run
