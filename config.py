@@ -118,7 +118,8 @@ PRESETS = {
                  base_channels=32, channel_mults=(1, 2), num_res_blocks=1, num_heads=2,
                  vae_batch_size=32, batch_size=32, timesteps=100, steps=10, warmup_steps=10,
                  vae_epochs=2, diffusion_epochs=2, picture_every=1, log_every=5,
-                 kl_warmup_epochs=1, adv_start_epoch=1, ema_decay=0.9,
+                 kl_start_epoch=0, kl_warmup_epochs=1, class_loss_start_epoch=0, class_loss_ramp_epochs=1,
+                 adv_start_epoch=1, adv_ramp_epochs=1, ema_decay=0.9,
                  classifier_width=8, classifier_batch_size=32, classifier_epochs=2, eval_samples=32),
     # The S1 seed's settings: 1000-step linear schedule, epsilon prediction, ancestral sampling.
     "s1": dict(schedule="linear", prediction="eps", sampler="ddpm", steps=1000, guidance_scale=1.0,
@@ -130,10 +131,17 @@ PRESETS = {
                sampler="ddpm", steps=1000, guidance_scale=1.0),
 }
 
-# Per-dataset recipes: 64x64 images get one more VAE level, so the latent stays 8x8.
+# The S3 stage schedule of the 64x64 VAE-GANs, as ramps (epochs): reconstruction from the start,
+# KL rising over the first 20 epochs, then classifier and center losses (10 -> full at 20), then
+# the PatchGAN's adversarial loss (30 -> full at 40).
+S3_SCHEDULE = dict(kl_start_epoch=0, kl_warmup_epochs=20, class_loss_start_epoch=10, class_loss_ramp_epochs=10,
+                   adv_start_epoch=30, adv_ramp_epochs=10)
+
+# Per-dataset recipes: 64x64 images get one more VAE level, so the latent stays 4x8x8.
 DATASET_RECIPES = {
-    "celeba_smiling": dict(vae_channel_mults=(1, 2, 2, 4)),
-    "flowers102": dict(vae_channel_mults=(1, 2, 2, 4)),
+    "celeba_smiling": dict(vae_channel_mults=(1, 2, 2, 4), **S3_SCHEDULE),
+    # 102 classes in one 256-dim latent: S5's center loss with repulsion keeps the centers apart.
+    "flowers102": dict(vae_channel_mults=(1, 2, 2, 4), **S3_SCHEDULE, repulsion_weight=0.01),
 }
 
 # Per-model defaults for pixel-space denoisers.
@@ -190,6 +198,11 @@ def build_config(args, base=None):
     run's config) replaces the first three when continuing or sampling from a run."""
     flags = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
     if base is not None:
+        for name, value in flags.items():  # a flag the saved run cannot honour is refused, not ignored
+            saved = getattr(base, name)
+            if name not in RUNTIME_FIELDS and _plain(value) != _plain(saved):
+                raise UserError(f"the run was trained with {name}={saved!r}, not --{name} {value}; only runtime "
+                                f"settings can change when continuing or sampling from it")
         cfg = dataclasses.replace(base, **{k: v for k, v in flags.items() if k in RUNTIME_FIELDS})
         return validate(cfg)
     dataset = flags.get("dataset", Config.dataset)
@@ -205,6 +218,10 @@ def build_config(args, base=None):
     if cfg.results_dir is None:
         cfg.results_dir = os.path.join("results", f"{cfg.dataset}_{cfg.model}")
     return validate(cfg)
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 # Fields a saved run's config may have changed on the command line when it is continued or

@@ -68,7 +68,10 @@ def main(argv=None):
         return 0
     per_class = args.num_samples or 10
     out = args.output_dir or os.path.join(run_dir, "generated")
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # e.g. a path under a regular file
+        raise UserError(f"cannot write to the output folder {out}: {e.strerror}") from None
     for c in classes:
         name = safe_name(pipe.class_names[c])
         images = pipe.sample_batched(torch.full((per_class,), c), seed=seed)

@@ -27,13 +27,17 @@ def parse_args(argv=None):
     g.add_argument("--perceptual_weight", type=float, help="VGG16 perceptual loss weight (0: no VGG needed)")
     g.add_argument("--vgg_weights", help="path to torchvision's vgg16-397923af.pth")
     g.add_argument("--kl_weight", type=float)
+    g.add_argument("--kl_start_epoch", type=int, help="stage schedule: each loss weight ramps linearly from 0 "
+                                                      "at its start epoch to full over its ramp epochs")
     g.add_argument("--kl_warmup_epochs", type=int)
     g.add_argument("--classifier_weight", type=float)
     g.add_argument("--center_weight", type=float)
     g.add_argument("--repulsion_weight", type=float, help="push class centers apart (0: off)")
     g.add_argument("--class_loss_start_epoch", type=int)
+    g.add_argument("--class_loss_ramp_epochs", type=int)
     g.add_argument("--adv_weight", type=float, help="adversarial loss weight (0: no discriminator)")
     g.add_argument("--adv_start_epoch", type=int)
+    g.add_argument("--adv_ramp_epochs", type=int)
     g = p.add_argument_group("denoiser")
     g.add_argument("--base_channels", type=int)
     g.add_argument("--schedule", choices=("linear", "cosine"))
@@ -86,9 +90,16 @@ def stage_overrides(args):
 def main(argv=None):
     from training import runner
     args = stage_overrides(parse_args(argv))
-    if args.checkpoint_path:
-        cfg = runner.config_for_resume(args, args.checkpoint_path)
-    elif args.resume:  # continue with the run's own config (only runtime fields may change)
+    if args.checkpoint_path:  # the stage continued is the checkpoint's own, whichever --train_* was given
+        cfg, kind = runner.config_for_resume(args, args.checkpoint_path, with_kind=True)
+        train = {"vae_gan": runner.train_vae, "conditional_diffusion": runner.train_diffusion}.get(kind)
+        if train is None:
+            raise UserError(f"{args.checkpoint_path} holds a {kind} checkpoint; --checkpoint_path continues a "
+                            f"vae_gan or conditional_diffusion one (continue a classifier with --train_classifier "
+                            f"--resume)")
+        train(cfg, checkpoint_path=args.checkpoint_path, total_epochs=args.total_epochs)
+        return 0
+    if args.resume:  # continue with the run's own config (only runtime fields may change)
         stages = (["vae_gan_last.pt"] if args.train_vae or args.train_all else []) + \
                  (["conditional_diffusion_last.pt"] if args.train_diffusion or args.train_all else []) + \
                  (["classifier_last.pt"] if args.train_classifier else [])
@@ -101,10 +112,6 @@ def main(argv=None):
     if args.train_classifier:
         from training.classifier import train_classifier
         train_classifier(cfg, resume=args.resume)
-        return 0
-    if args.checkpoint_path:
-        train = runner.train_vae if args.train_vae else runner.train_diffusion
-        train(cfg, checkpoint_path=args.checkpoint_path, total_epochs=args.total_epochs)
         return 0
     if (args.train_vae or args.train_all) and cfg.is_latent:
         runner.train_vae(cfg, resume=args.resume)

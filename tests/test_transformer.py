@@ -15,6 +15,16 @@ NUM_CLASSES = 2
 TINY = dict(width=32, depth=2, heads=2, patch_size=4, dropout=0.0, decoder_channels=16)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: a second thread only adds OpenMP synchronisation, which costs
+    several times the work itself when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(attention="linear", image_size=32, seed=0, **overrides):
     torch.manual_seed(seed)
     return DiffusionTransformer(3, image_size, NUM_CLASSES, **{**TINY, "attention": attention, **overrides})

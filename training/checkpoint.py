@@ -1,8 +1,8 @@
 """Checkpoints: the full training state plus the config, written atomically, read with
 weights_only=True so a file from a stranger cannot run code."""
+import glob
 import os
 import pickle
-import zipfile
 
 import torch
 
@@ -23,6 +23,12 @@ def save_checkpoint(state, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    # Temporary files of earlier processes killed mid-write (SIGKILL, power loss): garbage now.
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(f".{os.path.basename(path)}.tmp") + "*")):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
     try:  # make the rename itself durable
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -43,7 +49,7 @@ def load_checkpoint(path, what="checkpoint"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"refusing to load {path}: it is not a plain-weights checkpoint "
                         f"(weights_only load failed: {first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - torch.load of arbitrary bytes raises many types (IndexError, ...)
         raise UserError(f"{path} is not a readable checkpoint (truncated or another kind of file: "
                         f"{type(e).__name__})") from None
     if not isinstance(state, dict) or "config" not in state or "kind" not in state:

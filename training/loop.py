@@ -46,8 +46,10 @@ def seed_everything(seed):
 
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()[1],
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    python, numpy = random.getstate(), np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": python[1], "python_gauss": python[2],
+             "numpy": torch.from_numpy(numpy[1].astype(np.int64)), "numpy_pos": int(numpy[2]),
+             "numpy_gauss": (int(numpy[3]), float(numpy[4]))}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -55,9 +57,10 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    np_state = np.random.get_state()
-    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(state["python"]), state.get("python_gauss")))
+    np_state = np.random.get_state()  # position and cached gaussian too, or the stream restarts elsewhere
+    np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), state.get("numpy_pos", 624),
+                         *state.get("numpy_gauss", (0, 0.0))))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -84,27 +87,35 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
     """Train `stage` until `total_epochs` epochs are done. `stage` provides kind, train_step,
     validate, pictures, state_dict/load_state_dict, best_metric ("name", "min"|"max")."""
     epoch, step, skip_batches, best = 0, 0, 0, None
+    partial = ({}, 0)  # loss sums and count of the batches of a stopped epoch done before the stop
     if resume_state is not None:
         stage.load_state_dict(resume_state["stage"])
         epoch, step = resume_state["epoch"], resume_state["step"]
         skip_batches, best = resume_state.get("batch_in_epoch", 0), resume_state.get("best")
+        partial = (dict(resume_state.get("epoch_sums", {})), resume_state.get("epoch_count", 0))
         set_rng_state(resume_state["rng"])
         if dist.is_main():
             print(f"resuming {stage.kind} at epoch {epoch} step {step}", file=sys.stderr)
     metric_name, mode = stage.best_metric
     bad_in_a_row = 0
 
-    def checkpoint(name, batch_in_epoch=0, done_epochs=None):
+    def checkpoint(name, batch_in_epoch=0, done_epochs=None, sums=None, count=0):
         if not dist.is_main():
             return
         state = {"kind": stage.kind, "config": cfg.to_dict(), "epoch": epoch if done_epochs is None else done_epochs,
                  "step": step, "batch_in_epoch": batch_in_epoch, "best": best, "rng": rng_state(),
                  "stage": stage.state_dict()}
+        if batch_in_epoch:  # mid-epoch: the epoch's loss so far, so its logged mean covers every batch
+            state.update(epoch_sums={k: float(v) for k, v in (sums or {}).items()}, epoch_count=count)
         save_checkpoint(state, run.path(name))
+
+    run.save_config(cfg)  # only now: a run refused before this point leaves an earlier config.json alone
 
     with _SignalCatcher() as signals:
         while epoch < total_epochs:
             sums, count, t0 = {}, 0, time.time()
+            if skip_batches:
+                sums, count = partial
             bar = tqdm(total=len(batcher), desc=f"{stage.kind} {epoch + 1}/{total_epochs}",
                        disable=not dist.is_main(), leave=False, dynamic_ncols=True)
             for i, (x, y) in enumerate(batcher.epoch(epoch)):
@@ -116,9 +127,12 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
                     bad_in_a_row += 1
                     run.log(stage.kind, epoch, step, {"skipped_step": 1.0})
                     if bad_in_a_row >= cfg.max_bad_steps:
-                        raise NonFiniteError(
-                            f"{bad_in_a_row} non-finite steps in a row at epoch {epoch + 1}; stopped. The last "
-                            f"good checkpoint is {run.path(stage.last_name)} (try a lower --lr)")
+                        last = run.path(stage.last_name)
+                        kept = (f"the last good checkpoint is {last}" if os.path.isfile(last)
+                                else "no checkpoint was saved yet")
+                        bar.close()  # or the error line would continue the progress bar's line
+                        raise NonFiniteError(f"{bad_in_a_row} non-finite steps in a row at epoch {epoch + 1}; "
+                                             f"stopped, {kept} (try a lower --lr)")
                 else:
                     bad_in_a_row = 0
                     for k, v in losses.items():
@@ -129,7 +143,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
                 if step % cfg.log_every == 0 and count:  # the only host sync for logging
                     bar.set_postfix({k: f"{float(v) / count:.4f}" for k, v in sums.items()})
                 if signals.caught:
-                    checkpoint(stage.last_name, batch_in_epoch=i + 1)
+                    checkpoint(stage.last_name, batch_in_epoch=i + 1, sums=sums, count=count)
                     bar.close()
                     raise StopRequested(
                         f"{signals.caught}: saved {run.path(stage.last_name)} at epoch {epoch + 1}, step {step}; "

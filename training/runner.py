@@ -51,13 +51,18 @@ def _own_rng_stream(state, cfg):
     return state
 
 
-def config_for_resume(args, checkpoint_path, default_results_dir=None):
-    """A resumed run keeps its saved config; the command line may change runtime fields only."""
+def config_for_resume(args, checkpoint_path, default_results_dir=None, with_kind=False):
+    """A resumed run keeps its saved config; the command line may change runtime fields only.
+    With --total_epochs, the stage's epoch count becomes that target (so config.json says it).
+    with_kind: also return the checkpoint's kind (the stage it continues)."""
     state = load_checkpoint(checkpoint_path)
     cfg = build_config(args, base=Config.from_dict(state["config"]))
     if args.results_dir is None:
         cfg.results_dir = default_results_dir or os.path.dirname(os.path.abspath(checkpoint_path))
-    return cfg
+    field = {"vae_gan": "vae_epochs", "conditional_diffusion": "diffusion_epochs"}.get(state["kind"])
+    if field and getattr(args, "total_epochs", None) is not None:
+        setattr(cfg, field, args.total_epochs)
+    return (cfg, state["kind"]) if with_kind else cfg
 
 
 def config_for_saved_run(args, stages):
@@ -81,8 +86,7 @@ def _start(cfg):
     device = select_device(cfg.device)
     dist.setup(device)
     seed_everything(cfg.seed + dist.rank())
-    run = Run(cfg.results_dir)
-    run.save_config(cfg)
+    run = Run(cfg.results_dir)  # config.json is written by fit(), once every check has passed
     return device, run
 
 

@@ -1,0 +1,433 @@
+"""Fault tests: crash-safe checkpoints (SIGKILL at random moments, a failed write), SIGINT and
+SIGTERM stop at a step boundary with a checkpoint, --resume gives the same losses as an
+uninterrupted run, non-finite steps are skipped and counted then stop the run (exit 3), and
+untrusted or mismatched checkpoints are refused by every entry point.
+
+Everything trains a tiny pixel UNet on 16x16 images on the CPU; the subprocess tests drive the
+real command line, the rest call the entry points in-process to save interpreter start-ups.
+"""
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fixtures
+from helpers_cli import assert_one_line_error, run_cli, run_many, start_cli
+
+RUN = ["--train_diffusion", "--model", "unet", "--dataset", "folder", "--preset", "tiny", "--batch_size", "4",
+       "--image_size", "16", "--base_channels", "16", "--perceptual_weight", "0", "--checkpoint_every", "1",
+       "--picture_every", "1000", "--seed", "3"]
+STAGE = "conditional_diffusion"
+LAST, FINAL = f"{STAGE}_last.pt", f"{STAGE}_final.pt"
+STEPS_PER_EPOCH = 3  # 16 images, 1 per class held out, batches of 4
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """2 classes x 8 training images, 16x16."""
+    return fixtures.make_image_folder(tmp_path_factory.mktemp("reliability_data"), n_train=8, n_test=2, size=16)
+
+
+def run_args(data, results_dir, epochs, *extra):
+    return [*RUN, "--data_root", str(data), "--results_dir", str(results_dir), "--epochs", str(epochs), *extra]
+
+
+def train_in_process(argv):
+    """main.py in this process; returns the exit status run_main gives."""
+    import main
+    from errors import run_main
+    return run_main(main.main, [str(a) for a in argv])
+
+
+def epoch_metrics(run_dir, names=("loss", "val_loss")):
+    """{name: {epoch: value}} of the denoiser stage; a row logged again after a resume wins."""
+    out = {name: {} for name in names}
+    with open(Path(run_dir) / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row["stage"] == STAGE and row["name"] in out:
+                out[row["name"]][int(row["epoch"])] = float(row["value"])
+    return out
+
+
+def load(path):
+    from training.checkpoint import load_checkpoint
+    return load_checkpoint(str(path))
+
+
+def assert_same_tensors(a, b, where=""):
+    """Nested dicts/lists of tensors and numbers are equal (CPU, same seed: bit for bit)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-7), f"tensors differ at {where}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_losses(run_a, run_b, epochs):
+    a, b = epoch_metrics(run_a), epoch_metrics(run_b)
+    for name in a:
+        assert sorted(a[name]) == sorted(b[name]) == list(range(1, epochs + 1)), (name, a[name], b[name])
+        for e in a[name]:
+            assert math.isclose(a[name][e], b[name][e], rel_tol=1e-5), f"{name} of epoch {e}: {a[name][e]} vs {b[name][e]}"
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted 2-epoch run, the yardstick of the resume tests."""
+    run_dir = tmp_path_factory.mktemp("reliability") / "uninterrupted"
+    assert train_in_process(run_args(data, run_dir, 2)) == 0
+    return run_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Resume gives the same losses
+
+
+def test_resume_at_epoch_boundary_gives_same_losses(data, reference, tmp_path):
+    """1 epoch, then --resume to 2 epochs == 2 epochs in one go: losses, weights, EMA, optimizer."""
+    run_dir = tmp_path / "resumed"
+    assert train_in_process(run_args(data, run_dir, 1)) == 0
+    assert load(run_dir / LAST)["epoch"] == 1
+    assert train_in_process(run_args(data, run_dir, 2, "--resume")) == 0
+    assert_same_losses(reference, run_dir, 2)
+    ours, theirs = load(run_dir / FINAL), load(reference / FINAL)
+    assert (ours["epoch"], ours["step"]) == (theirs["epoch"], theirs["step"]) == (2, 2 * STEPS_PER_EPOCH)
+    assert_same_tensors(ours["stage"], theirs["stage"], "stage")
+    assert_same_tensors(ours["rng"], theirs["rng"], "rng")
+
+
+def test_sigint_mid_epoch_saves_and_resume_gives_same_losses(data, reference, tmp_path, monkeypatch, capsys):
+    """SIGINT during epoch 2 -> checkpoint at the next step boundary, exit 130 and how to resume;
+    --resume then ends exactly where the uninterrupted run ends, per-epoch losses included."""
+    from training.denoiser import DenoiserStage
+    real_step, calls = DenoiserStage.train_step, []
+
+    def step_then_signal(self, x, y, epoch):
+        calls.append(epoch)
+        if len(calls) == STEPS_PER_EPOCH + 2:  # the second step of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, x, y, epoch)
+
+    monkeypatch.setattr(DenoiserStage, "train_step", step_then_signal)
+    run_dir = tmp_path / "interrupted"
+    assert train_in_process(run_args(data, run_dir, 2)) == 130
+    err = capsys.readouterr().err
+    assert "SIGINT" in err and "--resume" in err.strip().splitlines()[-1], err
+    assert len(calls) == STEPS_PER_EPOCH + 2, "the run went on after the signal"
+    state = load(run_dir / LAST)
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (1, 2, STEPS_PER_EPOCH + 2)
+    assert not (run_dir / FINAL).exists()
+
+    monkeypatch.setattr(DenoiserStage, "train_step", real_step)
+    assert train_in_process(run_args(data, run_dir, 2, "--resume")) == 0
+    assert_same_losses(reference, run_dir, 2)
+    assert_same_tensors(load(run_dir / FINAL)["stage"], load(reference / FINAL)["stage"], "stage")
+
+
+def test_rng_state_round_trip_restores_every_generator():
+    """torch, Python and NumPy streams continue exactly, mid-stream and with a cached gaussian."""
+    import numpy as np
+    from training.loop import rng_state, set_rng_state
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    random.random(), random.gauss(0, 1)   # Python's gauss caches a second value
+    np.random.rand(5), np.random.randn()  # NumPy mid-block, with a cached gaussian
+    torch.rand(3)
+    saved = rng_state()
+    draw = lambda: (random.random(), random.gauss(0, 1), np.random.randn(3).tolist(), np.random.rand(700).sum(),  # noqa: E731
+                    torch.rand(4).tolist())
+    expected = draw()
+    draw()
+    set_rng_state(saved)
+    assert draw() == expected
+
+
+# --------------------------------------------------------------------------------------------
+# Signals and crashes, as real processes
+
+
+def _training_started(proc):
+    err = proc.stderr
+    return f"{STAGE} 1/" in err or "resuming" in err or f"{STAGE} " in err
+
+
+def test_sigterm_saves_mid_epoch_and_resume_completes(data, tmp_path):
+    run_dir = tmp_path / "sigterm"
+    proc = start_cli("main.py", *run_args(data, run_dir, 500), log_dir=tmp_path / "logs")
+    try:
+        assert proc.wait_for(lambda p: "epoch 2/500" in p.stdout, timeout=120), proc.describe()
+        time.sleep(random.uniform(0, 0.3))
+        proc.signal(signal.SIGTERM)
+        status = proc.wait(timeout=60)
+    finally:
+        proc.signal(signal.SIGKILL)
+    assert status == 143, proc.describe()
+    last_line = proc.stderr.strip().splitlines()[-1]
+    assert "SIGTERM" in last_line and "--resume" in last_line and LAST in last_line, proc.describe()
+    assert "Traceback" not in proc.stderr, proc.describe()
+    state = load(run_dir / LAST)
+    assert state["epoch"] >= 2 and 0 < state["batch_in_epoch"] <= STEPS_PER_EPOCH, state["batch_in_epoch"]
+    assert state["step"] == state["epoch"] * STEPS_PER_EPOCH + state["batch_in_epoch"]
+
+    total = state["epoch"] + 1
+    result = run_cli("main.py", *run_args(data, run_dir, total, "--resume"), timeout=180)
+    assert result.returncode == 0, result.describe()
+    final = load(run_dir / FINAL)
+    assert (final["epoch"], final["step"], final["batch_in_epoch"]) == (total, total * STEPS_PER_EPOCH, 0)
+    assert sorted(epoch_metrics(run_dir)["loss"]) == list(range(1, total + 1))
+
+
+def test_sigkill_at_random_moments_then_resume_finishes(data, tmp_path):
+    """Three SIGKILLs, each 2-8 s into training, each followed by --resume: the run still ends
+    with every epoch done, a loadable final checkpoint, at most one checkpoint interval of work
+    lost per kill, and no temporary files left behind."""
+    epochs, kills, seed = 40, 3, random.randrange(10 ** 6)
+    rng = random.Random(seed)
+    run_dir, logs = tmp_path / "sigkill", tmp_path / "logs"
+    deadline = time.monotonic() + 240
+    history = []  # (seconds into training at the kill, last epoch reported, epoch in the checkpoint)
+    saved_epoch = 0
+    for attempt in range(kills + 1):
+        resume = ["--resume"] if (run_dir / LAST).exists() else []
+        proc = start_cli("main.py", *run_args(data, run_dir, epochs, *resume), log_dir=logs)
+        try:
+            if attempt == kills:  # the last attempt runs to the end
+                status = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+                assert status == 0, proc.describe()
+                break
+            assert proc.wait_for(_training_started, timeout=max(deadline - time.monotonic(), 1)), proc.describe()
+            delay = rng.uniform(2, 8)
+            if proc.wait_for(lambda p: p.proc.poll() is not None, timeout=delay):
+                assert proc.proc.returncode == 0, proc.describe()  # finished before the kill: fine
+                break
+            proc.proc.kill()
+            proc.proc.wait()
+        finally:
+            proc.signal(signal.SIGKILL)
+        reported = [int(line.split("epoch ")[1].split("/")[0]) for line in proc.stdout.splitlines()
+                    if line.startswith(f"[{STAGE}] epoch ")]
+        state = load(run_dir / LAST) if (run_dir / LAST).exists() else {"epoch": 0}  # must load: atomic writes
+        history.append((round(delay, 2), max(reported, default=saved_epoch), state["epoch"]))
+        assert state["epoch"] >= saved_epoch, f"a checkpoint went back in time (seed {seed}): {history}"
+        assert state["epoch"] >= max(reported, default=0) - 1, \
+            f"more than one checkpoint interval lost (seed {seed}): {history}"
+        saved_epoch = state["epoch"]
+        assert time.monotonic() < deadline, f"over the time cap (seed {seed}): {history}"
+
+    final = load(run_dir / FINAL)
+    assert final["epoch"] == epochs and final["step"] == epochs * STEPS_PER_EPOCH, (seed, history)
+    assert load(run_dir / LAST)["epoch"] == epochs
+    metrics = epoch_metrics(run_dir)
+    assert sorted(metrics["loss"]) == sorted(metrics["val_loss"]) == list(range(1, epochs + 1)), (seed, history)
+    assert all(math.isfinite(v) for v in metrics["loss"].values())
+    leftovers = [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
+    assert not leftovers, f"temporary files left behind: {leftovers} (seed {seed}, {history})"
+
+
+# --------------------------------------------------------------------------------------------
+# A failed write keeps the previous checkpoint
+
+
+class _DiskFillsUp:
+    """A file whose writes fail with ENOSPC after `limit` bytes (the first part does land)."""
+
+    def __init__(self, f, limit):
+        self.f, self.limit, self.written = f, limit, 0
+
+    def write(self, data):
+        room = self.limit - self.written
+        if len(data) > room:
+            self.f.write(bytes(data[:max(room, 0)]))
+            self.written = self.limit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written += len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+@pytest.mark.parametrize("failure", ["mid_write", "fsync", "rename"])
+def test_failed_checkpoint_write_keeps_previous_checkpoint(tmp_path, monkeypatch, failure):
+    from training import checkpoint as ckpt
+    path = tmp_path / LAST
+    old = {"kind": STAGE, "config": {"dataset": "folder"}, "epoch": 1, "weights": torch.arange(5000.0)}
+    ckpt.save_checkpoint(old, str(path))
+    new = dict(old, epoch=2, weights=torch.randn(200_000))
+
+    if failure == "mid_write":
+        real_save = torch.save
+        monkeypatch.setattr(ckpt.torch, "save", lambda obj, f, **kw: real_save(obj, _DiskFillsUp(f, 100_000), **kw))
+    elif failure == "fsync":
+        def fsync(fd):
+            raise OSError(errno.EIO, "Input/output error")
+        monkeypatch.setattr(ckpt.os, "fsync", fsync)
+    else:
+        def replace(src, dst):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(ckpt.os, "replace", replace)
+    with pytest.raises((OSError, RuntimeError)):
+        ckpt.save_checkpoint(new, str(path))
+    monkeypatch.undo()
+
+    state = ckpt.load_checkpoint(str(path))
+    assert state["epoch"] == 1 and torch.equal(state["weights"], old["weights"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST], "a temporary file was left behind"
+
+
+def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path):
+    from training.checkpoint import save_checkpoint
+    stale = tmp_path / f".{LAST}.tmp99999999"
+    stale.write_bytes(b"PK\x03\x04 half of a checkpoint")
+    save_checkpoint({"kind": STAGE, "config": {}, "epoch": 1}, str(tmp_path / LAST))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite steps
+
+
+def _nan_after(monkeypatch, bad_calls):
+    """Training losses (not validation: it passes t) of the given 1-based calls become NaN."""
+    from diffusion.objective import DiffusionLoss
+    real, calls = DiffusionLoss.__call__, []
+
+    def call(self, model, x0, y, t=None, noise=None):
+        loss = real(self, model, x0, y, t=t, noise=noise)
+        if t is None:
+            calls.append(1)
+            if bad_calls(len(calls)):
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(DiffusionLoss, "__call__", call)
+    return calls
+
+
+@pytest.mark.parametrize("from_the_start", [False, True], ids=["after_two_good_epochs", "from_the_start"])
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(data, tmp_path, monkeypatch, capsys, from_the_start):
+    import main
+    from errors import EXIT_NON_FINITE, run_main
+    from training import runner
+    run_dir = tmp_path / "nan"
+    if from_the_start:
+        bad = lambda n: True  # noqa: E731
+    else:  # one bad step in epoch 1 (recovered), then all bad from epoch 3 on
+        bad = lambda n: n == 2 or n > 2 * STEPS_PER_EPOCH  # noqa: E731
+    calls = _nan_after(monkeypatch, bad)
+    cfg = main.build_config(main.stage_overrides(main.parse_args(run_args(data, run_dir, 5))))
+    cfg.max_bad_steps = 3
+    status = run_main(lambda argv: runner.train_diffusion(cfg))
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert status == EXIT_NON_FINITE == 3
+    assert "3 non-finite steps in a row" in err_lines[-1] and err_lines[-1].startswith("error: "), err_lines[-1]
+
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    skipped = [r for r in rows if r["name"] == "skipped_step"]
+    if from_the_start:
+        assert len(calls) == 3 and len(skipped) == 3
+        assert not (run_dir / LAST).exists()
+        assert "no checkpoint" in err_lines[-1], err_lines[-1]
+        return
+    assert len(calls) == 2 * STEPS_PER_EPOCH + 3 and len(skipped) == 4
+    assert str(run_dir / LAST) in err_lines[-1]
+    state = load(run_dir / LAST)  # the last good checkpoint, intact
+    assert (state["epoch"], state["step"], state["batch_in_epoch"]) == (2, 2 * STEPS_PER_EPOCH, 0)
+    assert all(torch.isfinite(v).all() for v in state["stage"]["model"].values())
+    assert sorted(epoch_metrics(run_dir)["loss"]) == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------
+# Untrusted and mismatched checkpoints
+
+
+class _Payload:
+    """Pickles to "run this code": what a malicious checkpoint would hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+def _evil_checkpoint(path, marker, kind=STAGE):
+    torch.save({"kind": kind, "config": {"dataset": "folder", "model": "unet"}, "epoch": 1,
+                "stage": {"model": _Payload(marker)}}, str(path))
+    return path
+
+
+def test_code_carrying_checkpoint_is_refused_by_every_entry_point(data, tmp_path):
+    import main
+    from config import save_config
+    # The payload is real: an unsafe load runs it.
+    sanity_marker = tmp_path / "sanity_marker"
+    torch.load(str(_evil_checkpoint(tmp_path / "sanity.pt", sanity_marker)), weights_only=False)
+    assert sanity_marker.read_text() == "pwned"
+
+    marker = tmp_path / "pwned_marker"
+    evil = _evil_checkpoint(tmp_path / "evil.pt", marker)
+    run_dir = tmp_path / "evil_run"  # a run folder whose checkpoints were swapped for the payload
+    run_dir.mkdir()
+    cfg = main.build_config(main.stage_overrides(main.parse_args(run_args(data, run_dir, 2))))
+    save_config(cfg, str(run_dir / "config.json"))
+    _evil_checkpoint(run_dir / LAST, marker)
+    _evil_checkpoint(run_dir / "vae_gan_best.pt", marker, kind="vae_gan")
+    calls = [
+        ("generate.py", "--model_path", evil),
+        ("main.py", *run_args(data, tmp_path / "fresh", 2), "--checkpoint_path", evil, "--total_epochs", "2"),
+        ("main.py", *run_args(data, run_dir, 2), "--resume"),
+        ("visualize.py", "--mode", "samples_grid", "--model_path", evil),
+        ("visualize.py", "--mode", "reconstructions", "--results_dir", run_dir),
+    ]
+    for result in run_many(calls, workers=3):
+        assert_one_line_error(result, status=2, contains="refusing to load")
+        assert not marker.exists(), f"the payload ran\n{result.describe()}"
+
+
+def test_checkpoint_of_another_model_or_dataset_is_refused_by_name(data, reference, tmp_path, capsys):
+    import generate
+    from errors import run_main
+    last = str(reference / LAST)
+
+    def refused(entry, argv, *names):
+        assert run_main(entry.main, [str(a) for a in argv]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("error: ") and all(n in line for n in names), line
+        assert "size mismatch" not in line and "shape" not in line
+        return line
+
+    import main
+    # Continue a unet run as an attn_unet.
+    refused(main, [*run_args(data, tmp_path / "other_model", 3), "--checkpoint_path", last,
+                   "--total_epochs", "3", "--model", "attn_unet"], "model", "unet", "attn_unet")
+    assert not (tmp_path / "other_model" / "config.json").exists()
+    # Sample a folder-dataset run as CIFAR-10.
+    refused(generate, ["--results_dir", reference, "--dataset", "cifar10", "--num_samples", "1"],
+            "dataset", "folder", "cifar10")
+    # --resume where the run folder's config and its checkpoint disagree on the architecture.
+    copy = tmp_path / "edited_copy"
+    shutil.copytree(reference, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["base_channels"] = 32
+    (copy / "config.json").write_text(json.dumps(config))
+    refused(main, ["--train_diffusion", "--resume", "--results_dir", copy, "--epochs", "3"], "base_channels", "16", "32")
