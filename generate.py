@@ -61,7 +61,7 @@ def main(argv=None):
     classes = (list(range(pipe.num_classes)) if args.class_name.lower() == "all"
                else [pipe.class_index(args.class_name)])
     if args.create_animation:
-        for c in classes[:10] if len(classes) > 10 else classes:
+        for c in figures.pick_classes(pipe.class_names) if len(classes) > 10 else classes:  # a spread of many
             path = os.path.join(run_dir, f"diffusion_animation_{safe_name(pipe.class_names[c])}.gif")
             figures.denoising_animation(pipe, c, path, seed=seed)
             print(path)

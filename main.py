@@ -45,6 +45,12 @@ def parse_args(argv=None):
     g.add_argument("--prediction", choices=("eps", "v", "x0"))
     g.add_argument("--loss_weighting", choices=("uniform", "min_snr"))
     g.add_argument("--label_dropout", type=float, help="null-label probability for guidance (default 0.1)")
+    g.add_argument("--loss", choices=("mse", "balanced"),
+                   help="mse, or S2's balanced loss (MSE, L1, cosine, Laplacian, Sobel by noise level)")
+    g.add_argument("--timestep_sampling", choices=("uniform", "adaptive"),
+                   help="adaptive: importance-sample noise levels by their loss")
+    g.add_argument("--patience", type=int, help="early stopping: epochs without a better held-out metric "
+                                                "(default 10; 0 never stops)")
     g.add_argument("--ema_decay", type=float)
     g.add_argument("--warmup_steps", type=int)
     g.add_argument("--weight_decay", type=float)

@@ -76,6 +76,9 @@ def main(argv=None):
                             f"{pipe.cfg.model}")
         images, labels = _held_out(pipe.cfg, limit=2000)
         latents = pipe.to_model_space(images).cpu()
+        if classes is None and pipe.num_classes > 10:  # many classes: a readable spread, not a blur of 102
+            classes = figures.pick_classes(pipe.class_names)
+            classes += [label] if args.mode == "denoising_path" and label not in classes else []
         if classes is not None:
             keep = torch.isin(labels, torch.tensor(classes))
             latents, labels = latents[keep], labels[keep]

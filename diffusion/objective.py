@@ -32,22 +32,102 @@ def loss_weight(snr, prediction, weighting, gamma=5.0):
     raise ValueError(f"unknown loss weighting {weighting!r}")
 
 
-class DiffusionLoss:
-    """Sample t and noise, noise x0, and return the weighted per-sample MSE of the target."""
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
-    def __init__(self, schedule, prediction="eps", weighting="uniform", min_snr_gamma=5.0):
+
+def _filter(x, kernel):
+    """The same 3x3 kernel on every channel."""
+    c = x.shape[1]
+    weight = kernel.to(x).view(1, 1, 3, 3).expand(c, 1, 3, 3)
+    return torch.nn.functional.conv2d(x, weight, padding=1, groups=c)
+
+
+def balanced_terms(output, target, x0_hat, x0, abar):
+    """S2's "balanced adaptive loss", per sample: MSE + L1 + (1 - cosine) of the target, plus
+    Laplacian (high-frequency) and Sobel (edge) errors of the clean-image estimate. The detail
+    terms are weighted by each sample's own signal fraction abar_t: at high noise the details
+    cannot be known and only the MSE speaks; near clean data the details count fully."""
+    flat_out, flat_target = output.flatten(1), target.flatten(1)
+    mse = (flat_out - flat_target).pow(2).mean(1)
+    l1 = (flat_out - flat_target).abs().mean(1)
+    cosine = 1 - torch.nn.functional.cosine_similarity(flat_out, flat_target, dim=1)
+    lap = (_filter(x0_hat, _LAPLACIAN) - _filter(x0, _LAPLACIAN)).pow(2).flatten(1).mean(1)
+    edges = lambda x: (_filter(x, _SOBEL_X).pow(2) + _filter(x, _SOBEL_X.T).pow(2) + 1e-6).sqrt()  # noqa: E731
+    sobel = (edges(x0_hat) - edges(x0)).pow(2).flatten(1).mean(1)
+    return mse + 0.5 * l1 + 0.1 * cosine + abar * (0.1 * lap + 0.1 * sobel)
+
+
+class AdaptiveTimesteps:
+    """Importance sampling of timesteps (Nichol & Dhariwal 2021): draw t with probability
+    proportional to the root mean square loss of its bin (kept as a running average on the
+    device, no host sync), mixed with 10% uniform; each sample is reweighted by 1 / (T p(t)) so
+    the objective stays the same in expectation."""
+
+    def __init__(self, timesteps, bins=20, decay=0.99, uniform=0.1):
+        self.timesteps, self.bins, self.decay, self.uniform = timesteps, bins, decay, uniform
+        self.mean_sq = None
+
+    def probabilities(self, device):
+        if self.mean_sq is None:
+            self.mean_sq = torch.ones(self.bins, device=device)
+        p = self.mean_sq.sqrt()
+        return (1 - self.uniform) * p / p.sum() + self.uniform / self.bins
+
+    def sample(self, n, device):
+        p = self.probabilities(device)
+        b = torch.multinomial(p, n, replacement=True)
+        width = self.timesteps / self.bins
+        t = (b * width + torch.rand(n, device=device) * width).long().clamp(max=self.timesteps - 1)
+        return t, 1.0 / (self.bins * p[b])  # p(t) = p(bin) / width, so 1 / (T p(t)) = 1 / (bins p(bin))
+
+    def update(self, t, losses):
+        self.probabilities(t.device)  # initialises the running means
+        b = (t * self.bins // self.timesteps).clamp(max=self.bins - 1)
+        sums = torch.zeros(self.bins, device=t.device).index_add_(0, b, losses.detach().float().pow(2))
+        counts = torch.zeros(self.bins, device=t.device).index_add_(0, b, torch.ones_like(losses, dtype=torch.float))
+        seen = counts > 0
+        batch_mean = torch.where(seen, sums / counts.clamp_min(1), self.mean_sq)
+        self.mean_sq = torch.where(seen, self.decay * self.mean_sq + (1 - self.decay) * batch_mean, self.mean_sq)
+
+    def state_dict(self):
+        return {"mean_sq": self.mean_sq}
+
+    def load_state_dict(self, state):
+        self.mean_sq = state["mean_sq"]
+
+
+class DiffusionLoss:
+    """Sample t and noise, noise x0, and return the weighted per-sample error of the target:
+    plain MSE, or S2's balanced terms; t uniform or adaptively importance-sampled."""
+
+    def __init__(self, schedule, prediction="eps", weighting="uniform", min_snr_gamma=5.0, terms="mse",
+                 timestep_sampling="uniform"):
         self.schedule, self.prediction = schedule, prediction
-        self.weighting, self.gamma = weighting, min_snr_gamma
+        self.weighting, self.gamma, self.terms = weighting, min_snr_gamma, terms
+        self.adaptive = AdaptiveTimesteps(schedule.timesteps) if timestep_sampling == "adaptive" else None
 
     def __call__(self, model, x0, y, t=None, noise=None):
         """t and noise are drawn unless given (validation fixes them so epochs compare)."""
-        if t is None:
+        importance = None
+        if t is None and self.adaptive is not None:
+            t, importance = self.adaptive.sample(x0.shape[0], x0.device)
+        elif t is None:
             t = torch.randint(0, self.schedule.timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         alpha, sigma = self.schedule.alpha_sigma(t, x0)
-        output = model(alpha * x0 + sigma * noise, t, y)
+        x_t = alpha * x0 + sigma * noise
+        output = model(x_t, t, y).float()
         target = target_for(self.prediction, x0, noise, alpha, sigma)
-        per_sample = (output.float() - target).pow(2).flatten(1).mean(1)
-        weight = loss_weight(self.schedule.snr(t), self.prediction, self.weighting, self.gamma)
-        return (weight.to(per_sample) * per_sample).mean()
+        if self.terms == "balanced":
+            x0_hat, _ = to_x0_eps(output, x_t, alpha, sigma, self.prediction)
+            per_sample = balanced_terms(output, target, x0_hat, x0, alpha.flatten() ** 2)
+        else:
+            per_sample = (output - target).pow(2).flatten(1).mean(1)
+        weighted = loss_weight(self.schedule.snr(t), self.prediction, self.weighting, self.gamma).to(per_sample) \
+            * per_sample
+        if importance is not None:
+            self.adaptive.update(t, weighted)
+            weighted = weighted * importance
+        return weighted.mean()

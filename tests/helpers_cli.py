@@ -8,6 +8,7 @@ a small CI machine). Pass an explicit --results_dir to anything that may write: 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -132,6 +133,19 @@ class Background:
 
 def start_cli(script: str, *args, log_dir: Path) -> Background:
     return Background(command(script, *args), Path(log_dir))
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny in-process training on one intra-op thread: on a small, busy CI machine a second
+    spinning OpenMP thread makes each step many times slower, not faster."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------

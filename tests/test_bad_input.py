@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import fixtures
-from helpers_cli import REPO, assert_one_line_error, run_cli, snapshot, snapshot_diff
+from helpers_cli import REPO, assert_one_line_error, one_torch_thread, run_cli, snapshot, snapshot_diff
 
 IMAGE_SIZE = 16  # tiny images: the runs below are only there to be pointed at
 TRAIN = ["--dataset", "folder", "--preset", "tiny", "--batch_size", "8", "--image_size", IMAGE_SIZE,
@@ -171,7 +171,8 @@ class Battery:
 @pytest.fixture(scope="module")
 def battery(request, tmp_path_factory):
     paths = Paths(tmp_path_factory.mktemp("bad_input"))
-    _train_runs(paths)
+    with one_torch_thread():
+        _train_runs(paths)
     selected = {item.callspec.params["case"].id for item in request.session.items
                 if getattr(item, "callspec", None) is not None and isinstance(item.callspec.params.get("case"), Case)}
     battery = Battery(paths, [c for c in CASES if c.id in selected])

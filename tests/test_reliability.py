@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import fixtures
-from helpers_cli import assert_one_line_error, run_cli, run_many, start_cli
+from helpers_cli import assert_one_line_error, one_torch_thread, run_cli, run_many, start_cli
 
 RUN = ["--train_diffusion", "--model", "unet", "--dataset", "folder", "--preset", "tiny", "--batch_size", "4",
        "--image_size", "16", "--base_channels", "16", "--perceptual_weight", "0", "--checkpoint_every", "1",
@@ -31,6 +31,12 @@ RUN = ["--train_diffusion", "--model", "unet", "--dataset", "folder", "--preset"
 STAGE = "conditional_diffusion"
 LAST, FINAL = f"{STAGE}_last.pt", f"{STAGE}_final.pt"
 STEPS_PER_EPOCH = 3  # 16 images, 1 per class held out, batches of 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

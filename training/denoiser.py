@@ -21,6 +21,7 @@ def latent_standardization(means):
 
 class DenoiserStage:
     kind = "conditional_diffusion"
+    early_stopping = True  # the S4 seed's: stop when the held-out metric stops improving
     last_name, best_name = "conditional_diffusion_last.pt", "conditional_diffusion_best.pt"
 
     def __init__(self, cfg, class_names, sample_shape, device, val_x, val_y, run, vae=None,
@@ -39,7 +40,8 @@ class DenoiserStage:
         self.sched = warmup_schedule(self.opt, cfg.warmup_steps)
         self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         self.schedule = make_schedule(cfg)
-        self.loss_fn = DiffusionLoss(self.schedule, cfg.prediction, cfg.loss_weighting)
+        self.loss_fn = DiffusionLoss(self.schedule, cfg.prediction, cfg.loss_weighting, terms=cfg.loss,
+                                     timestep_sampling=cfg.timestep_sampling)
         self.val_x, self.val_y = val_x[:512].to(device), val_y[:512].to(device)
         self.vae, self.latent_shift, self.latent_scale = vae, latent_shift, latent_scale
         self.num_classes = num_classes
@@ -122,6 +124,8 @@ class DenoiserStage:
                  "sample_size": self.sample_size}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+        if self.loss_fn.adaptive is not None and self.loss_fn.adaptive.mean_sq is not None:
+            state["adaptive_timesteps"] = self.loss_fn.adaptive.state_dict()
         if self.vae is not None:
             state.update(vae=self.vae.state_dict(), latent_shift=self.latent_shift.cpu(),
                          latent_scale=self.latent_scale.cpu())
@@ -134,4 +138,6 @@ class DenoiserStage:
         self.sched.load_state_dict(state["sched"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        if self.loss_fn.adaptive is not None and "adaptive_timesteps" in state:
+            self.loss_fn.adaptive.load_state_dict({k: v.to(self.device) for k, v in state["adaptive_timesteps"].items()})
 

@@ -103,8 +103,8 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
         if not dist.is_main():
             return
         state = {"kind": stage.kind, "config": cfg.to_dict(), "epoch": epoch if done_epochs is None else done_epochs,
-                 "step": step, "batch_in_epoch": batch_in_epoch, "best": best, "rng": rng_state(),
-                 "stage": stage.state_dict()}
+                 "step": step, "batch_in_epoch": batch_in_epoch, "best": best, "epochs_since_best": since_best,
+                 "rng": rng_state(), "stage": stage.state_dict()}
         if batch_in_epoch:  # mid-epoch: the epoch's loss so far, so its logged mean covers every batch
             state.update(epoch_sums={k: float(v) for k, v in (sums or {}).items()}, epoch_count=count)
         save_checkpoint(state, run.path(name))
@@ -159,13 +159,22 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
                 summary = " ".join(f"{k}={v:.4g}" for k, v in row.items())
                 tqdm.write(f"[{stage.kind}] epoch {epoch}/{total_epochs} {summary}")
             value = row.get(metric_name)
-            if value is not None and (best is None or (value < best if mode == "min" else value > best)):
-                best = value
-                checkpoint(stage.best_name)
-            if epoch % cfg.checkpoint_every == 0 or epoch == total_epochs:
+            if value is not None:
+                if best is None or (value < best if mode == "min" else value > best):
+                    best, since_best = value, 0
+                    checkpoint(stage.best_name)
+                else:
+                    since_best += 1
+            stop_early = getattr(stage, "early_stopping", False) and cfg.patience and since_best >= cfg.patience
+            if stop_early and dist.is_main():
+                tqdm.write(f"[{stage.kind}] early stop at epoch {epoch}: {metric_name} has not improved for "
+                           f"{since_best} evaluations (best {best:.4g}, --patience {cfg.patience})")
+            if epoch % cfg.checkpoint_every == 0 or epoch == total_epochs or stop_early:
                 checkpoint(stage.last_name)
-            if dist.is_main() and (epoch % cfg.picture_every == 0 or epoch == total_epochs):
+            if dist.is_main() and (epoch % cfg.picture_every == 0 or epoch == total_epochs or stop_early):
                 stage.pictures(epoch)
+            if stop_early:
+                break
     if best is None and dist.is_main():  # no held-out metric: the last state is the best we know
         checkpoint(stage.best_name)
     return best

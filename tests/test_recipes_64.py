@@ -1,0 +1,246 @@
+"""The 64x64 recipes (celeba_smiling in both layouts, flowers102) end to end on CPU with --preset
+tiny: train, generate, visualize with the S5 output names and file-safe class names; the S3 stage
+schedule of the recipes; and continuing a run with --checkpoint_path P --total_epochs N exactly as
+an uninterrupted run would have gone on (in-process: main(argv) is what `python X.py` runs)."""
+import math
+import os
+import shutil
+
+import imageio.v2 as imageio
+import pytest
+import torch
+
+import generate
+import main
+import visualize
+from config import PRESETS, build_config
+from training.checkpoint import load_checkpoint
+from training.run import Run
+from training.vae_gan import loss_weights
+
+TINY = ["--preset", "tiny", "--perceptual_weight", "0", "--device", "cpu", "--steps", "5"]
+SEED = 3
+S5_NAMES = ("vae_gan_best.pt", "vae_gan_last.pt", "conditional_diffusion_final.pt", "autoencoder_losses.png",
+            "diffusion_loss.png", "vae_samples_grid_subset.png", "config.json", "metrics.csv")
+FLOWER, FLOWER_SAFE = "pink primrose", "pink_primrose"
+
+
+def celeba_args(root, results_dir, *extra):
+    return ["--dataset", "celeba_smiling", "--data_root", str(root), "--results_dir", str(results_dir),
+            "--seed", str(SEED), "--batch_size", "4", *TINY, *extra]
+
+
+def train_all(args, epochs=2):
+    assert main.main(["--train_all", "--vae_epochs", str(epochs), "--diffusion_epochs", str(epochs)] + args) == 0
+
+
+@pytest.fixture(scope="module")
+def celeba_run(tmp_path_factory, celeba_root):
+    """Official layout, Smiling: 12 train images, batch 4, 2 + 2 epochs (every stage switched on)."""
+    run = tmp_path_factory.mktemp("celeba_official") / "run"
+    train_all(celeba_args(celeba_root, run))
+    return run
+
+
+@pytest.fixture(scope="module")
+def celeba_kaggle_run(tmp_path_factory, celeba_kaggle_root):
+    """Kaggle layout with another attribute (--attribute Wearing_Hat): 1 + 1 epochs."""
+    run = tmp_path_factory.mktemp("celeba_kaggle") / "run"
+    train_all(celeba_args(celeba_kaggle_root, run, "--attribute", "Wearing_Hat"), epochs=1)
+    return run
+
+
+@pytest.fixture(scope="module")
+def flowers_run(tmp_path_factory, flowers102_root):
+    """Flowers102, official splits: the first 24 of the 102 train images, 102 held out, 2 + 2 epochs."""
+    run = tmp_path_factory.mktemp("flowers") / "run"
+    train_all(["--dataset", "flowers102", "--data_root", str(flowers102_root), "--flowers_splits", "official",
+               "--subset", "24", "--results_dir", str(run), "--seed", str(SEED), "--batch_size", "8", *TINY])
+    return run
+
+
+def epoch_values(run, stage, epoch):
+    """{name: value} that metrics.csv holds for one epoch of a stage (wall-clock time left out)."""
+    rows = [r for r in Run(str(run), create=False).read_metrics()
+            if r["stage"] == stage and int(r["epoch"]) == epoch and r["name"] != "epoch_seconds"]
+    return {r["name"]: float(r["value"]) for r in rows}
+
+
+def assert_same_values(resumed, uninterrupted):
+    assert resumed and set(resumed) == set(uninterrupted), (sorted(resumed), sorted(uninterrupted))
+    for name, value in uninterrupted.items():
+        assert math.isclose(resumed[name], value, rel_tol=1e-4, abs_tol=1e-6), (name, resumed[name], value)
+
+
+# --- the stage schedule ------------------------------------------------------------------------
+
+def recipe_config(dataset, *flags):
+    return build_config(main.stage_overrides(main.parse_args(["--train_vae", "--dataset", dataset, *flags])))
+
+
+def test_celeba_recipe_is_the_s3_stage_schedule():
+    cfg = recipe_config("celeba_smiling")  # the recipe itself: no preset
+    assert cfg.preset == "default" and tuple(cfg.vae_channel_mults) == (1, 2, 2, 4) and cfg.image_size == 64
+    assert cfg.kl_start_epoch <= cfg.class_loss_start_epoch < cfg.adv_start_epoch
+    w = {e: loss_weights(cfg, e) for e in (0, 0.5, 5, 9.9, 10, 15, 25, 29.9, 30, 35, 40, 100)}
+    assert all(w[e]["recon"] == 1.0 for e in w)  # reconstruction from the start
+    assert w[0]["kl"] == 0 and 0 < w[0.5]["kl"] < w[5]["kl"] < w[15]["kl"] <= w[25]["kl"] == cfg.kl_weight
+    for e in (0, 5, 9.9):  # classifier and center losses off before their start
+        assert w[e]["classifier"] == w[e]["center"] == 0
+    assert 0 < w[15]["classifier"] < cfg.classifier_weight and w[40]["classifier"] == cfg.classifier_weight
+    assert 0 < w[15]["center"] < cfg.center_weight and w[40]["center"] == cfg.center_weight
+    for e in (0, 10, 25, 29.9, 30):  # the adversarial loss last, rising from 0 at its start
+        assert w[e]["adversarial"] == 0
+    assert 0 < w[35]["adversarial"] < cfg.adv_weight
+    assert w[cfg.adv_start_epoch + cfg.adv_ramp_epochs]["adversarial"] == w[100]["adversarial"] == cfg.adv_weight
+
+
+def test_flowers_recipe_has_repulsion_and_flags_override_the_recipe():
+    cfg = recipe_config("flowers102")
+    assert cfg.repulsion_weight > 0 and tuple(cfg.vae_channel_mults) == (1, 2, 2, 4)
+    assert loss_weights(cfg, 30)["repulsion"] == cfg.repulsion_weight and loss_weights(cfg, 5)["repulsion"] == 0
+    cfg = recipe_config("flowers102", "--repulsion_weight", "0", "--adv_start_epoch", "7", "--adv_ramp_epochs", "0",
+                        "--class_loss_ramp_epochs", "2", "--kl_start_epoch", "1")
+    assert (cfg.repulsion_weight, cfg.adv_start_epoch, cfg.adv_ramp_epochs) == (0, 7, 0)
+    assert (cfg.class_loss_ramp_epochs, cfg.kl_start_epoch) == (2, 1)
+    assert loss_weights(cfg, 6.9)["adversarial"] == 0 and loss_weights(cfg, 7)["adversarial"] == cfg.adv_weight
+
+
+@pytest.mark.parametrize("dataset", ["celeba_smiling", "flowers102"])
+def test_tiny_preset_switches_every_stage_on_within_two_epochs(dataset):
+    cfg = recipe_config(dataset, "--preset", "tiny")
+    assert cfg.vae_epochs == 2 and tuple(cfg.vae_channel_mults) == (1, 2, 2, 4)  # the recipe's extra level stays
+    assert "vae_channel_mults" not in PRESETS["tiny"]
+    early, late = loss_weights(cfg, 0), loss_weights(cfg, 1.99)
+    assert early["kl"] == 0 and early["adversarial"] == 0  # still in order: KL rising, adversarial last
+    for name in ("kl", "classifier", "center", "adversarial"):
+        assert late[name] > 0, name
+    assert (late["repulsion"] > 0) == (dataset == "flowers102")
+
+
+# --- full cycles ---------------------------------------------------------------------------------
+
+def test_celeba_official_run(celeba_run, tmp_path):
+    for name in S5_NAMES:
+        assert os.path.isfile(celeba_run / name), name
+    final = load_checkpoint(str(celeba_run / "conditional_diffusion_final.pt"))
+    assert final["epoch"] == 2 and final["stage"]["class_names"] == ["Not Smiling", "Smiling"]
+    assert final["stage"]["sample_size"] == 8 and final["stage"]["latent_scale"].shape == (4, 1, 1)  # 4x8x8
+    vae = load_checkpoint(str(celeba_run / "vae_gan_last.pt"))
+    assert vae["config"]["image_size"] == 64 and tuple(vae["config"]["vae_channel_mults"]) == (1, 2, 2, 4)
+    # Every loss of the schedule was on by the second epoch, the PatchGAN included.
+    second = epoch_values(celeba_run, "vae_gan", 2)
+    assert {"recon", "kl", "classifier", "center", "repulsion", "adversarial", "discriminator"} <= set(second)
+    from models import build_discriminator
+    disc = build_discriminator(build_config(main.parse_args(["--train_vae", "--dataset", "celeba_smiling"])))
+    assert disc(torch.zeros(1, 3, 64, 64)).shape[-1] > 1  # a logit per patch
+
+    out = tmp_path / "gen"
+    assert generate.main(["--results_dir", str(celeba_run), "--class_name", "Smiling", "--num_samples", "2",
+                          "--output_dir", str(out), "--device", "cpu"]) == 0
+    assert sorted(os.listdir(out)) == ["Smiling", "Smiling_grid.png"]
+    assert generate.main(["--results_dir", str(celeba_run), "--class_name", "not_smiling", "--num_samples", "1",
+                          "--output_dir", str(out), "--device", "cpu"]) == 0  # the file-safe form, any case
+    assert os.path.isfile(out / "Not_Smiling_grid.png")
+    assert generate.main(["--results_dir", str(celeba_run), "--create_animation", "--class_name", "not smiling",
+                          "--device", "cpu"]) == 0
+    assert len(imageio.mimread(str(celeba_run / "diffusion_animation_Not_Smiling.gif"))) > 3
+    assert visualize.main(["--results_dir", str(celeba_run), "--mode", "denoising_path", "--class_name", "Smiling",
+                           "--num_samples", "3", "--device", "cpu"]) == 0
+    assert os.path.getsize(celeba_run / "denoising_path_Smiling.png") > 1000
+
+
+def test_celeba_kaggle_layout_and_attribute(celeba_kaggle_run, tmp_path):
+    for name in S5_NAMES:
+        assert os.path.isfile(celeba_kaggle_run / name), name
+    final = load_checkpoint(str(celeba_kaggle_run / "conditional_diffusion_final.pt"))
+    assert final["config"]["attribute"] == "Wearing_Hat"
+    assert final["stage"]["class_names"] == ["Not Wearing Hat", "Wearing Hat"]
+    out = tmp_path / "gen"
+    assert generate.main(["--results_dir", str(celeba_kaggle_run), "--class_name", "wearing hat", "--num_samples",
+                          "1", "--output_dir", str(out), "--device", "cpu"]) == 0
+    assert sorted(os.listdir(out)) == ["Wearing_Hat", "Wearing_Hat_grid.png"]
+    assert visualize.main(["--results_dir", str(celeba_kaggle_run), "--mode", "samples_grid", "--classes",
+                           "Wearing_Hat", "not wearing hat", "--num_samples", "2", "--device", "cpu"]) == 0
+    assert os.path.getsize(celeba_kaggle_run / "samples_grid.png") > 1000
+
+
+def test_flowers102_run_with_file_safe_names(flowers_run, tmp_path):
+    for name in S5_NAMES:
+        assert os.path.isfile(flowers_run / name), name
+    final = load_checkpoint(str(flowers_run / "conditional_diffusion_final.pt"))
+    cfg = final["config"]
+    assert cfg["flowers_splits"] == "official" and cfg["repulsion_weight"] > 0 and cfg["image_size"] == 64
+    assert len(final["stage"]["class_names"]) == 102 and final["stage"]["class_names"][0] == FLOWER
+    assert "repulsion" in epoch_values(flowers_run, "vae_gan", 2)
+
+    out = tmp_path / "gen"
+    assert generate.main(["--results_dir", str(flowers_run), "--class_name", FLOWER, "--num_samples", "2",
+                          "--output_dir", str(out), "--device", "cpu"]) == 0
+    assert sorted(os.listdir(out)) == [FLOWER_SAFE, FLOWER_SAFE + "_grid.png"]
+    assert sorted(os.listdir(out / FLOWER_SAFE)) == [f"{FLOWER_SAFE}_000.png", f"{FLOWER_SAFE}_001.png"]
+    assert generate.main(["--results_dir", str(flowers_run), "--class_name", "Colt's Foot", "--num_samples", "1",
+                          "--output_dir", str(out), "--device", "cpu"]) == 0
+    assert os.path.isfile(out / "colt_s_foot_grid.png")
+    assert generate.main(["--results_dir", str(flowers_run), "--create_animation", "--class_name", FLOWER_SAFE,
+                          "--device", "cpu"]) == 0
+    assert os.path.isfile(flowers_run / f"diffusion_animation_{FLOWER_SAFE}.gif")
+    for name in ("PINK PRIMROSE", FLOWER_SAFE):  # case-insensitive, or the file-safe form
+        path = flowers_run / f"denoising_path_{FLOWER_SAFE}.png"
+        if path.exists():
+            path.unlink()
+        assert visualize.main(["--results_dir", str(flowers_run), "--mode", "denoising_path", "--class_name", name,
+                               "--num_samples", "2", "--device", "cpu"]) == 0
+        assert os.path.getsize(path) > 1000
+    assert not any(" " in f for f in os.listdir(flowers_run))
+    assert visualize.main(["--results_dir", str(flowers_run), "--mode", "samples_grid", "--classes", FLOWER,
+                           "sweet_pea", "Globe-Flower", "--num_samples", "1", "--device", "cpu"]) == 0
+    assert os.path.getsize(flowers_run / "samples_grid.png") > 1000
+
+
+def test_many_classes_default_to_a_spread():
+    from viz.figures import pick_classes
+    names = [f"class {i}" for i in range(102)]
+    spread = pick_classes(names)
+    assert len(spread) == 10 and spread[0] == 0 and spread[-1] == 101 and spread != list(range(10))
+    assert pick_classes(names[:2]) == [0, 1]
+
+
+# --- continuing a run: --checkpoint_path P --total_epochs N ------------------------------------------
+
+def test_vae_resume_to_total_epochs_matches_an_uninterrupted_run(celeba_run, celeba_root, tmp_path, capsys):
+    run_a = tmp_path / "a"
+    assert main.main(["--train_vae", "--epochs", "1"] + celeba_args(celeba_root, run_a)) == 0
+    assert load_checkpoint(str(run_a / "vae_gan_last.pt"))["epoch"] == 1
+    capsys.readouterr()
+    assert main.main(["--train_vae", "--checkpoint_path", str(run_a / "vae_gan_last.pt"), "--total_epochs", "2",
+                      "--device", "cpu"]) == 0
+    assert "resuming vae_gan at epoch 1" in capsys.readouterr().err
+    last = load_checkpoint(str(run_a / "vae_gan_last.pt"))
+    uninterrupted = load_checkpoint(str(celeba_run / "vae_gan_last.pt"))
+    assert (last["epoch"], last["step"]) == (2, uninterrupted["step"]) and last["config"]["vae_epochs"] == 2
+    assert_same_values(epoch_values(run_a, "vae_gan", 2), epoch_values(celeba_run, "vae_gan", 2))
+    assert_same_values(epoch_values(run_a, "vae_gan", 1), epoch_values(celeba_run, "vae_gan", 1))
+    # The stage follows the checkpoint's kind, not the --train_* flag: nothing left to do, no denoiser.
+    assert main.main(["--train_diffusion", "--checkpoint_path", str(run_a / "vae_gan_last.pt"), "--total_epochs",
+                      "2", "--device", "cpu"]) == 0
+    assert not any(f.startswith("conditional_diffusion") for f in os.listdir(run_a))
+
+
+def test_denoiser_resume_to_total_epochs_matches_an_uninterrupted_run(celeba_run, celeba_root, tmp_path):
+    run_c = tmp_path / "c"
+    run_c.mkdir()
+    for name in ("vae_gan_best.pt", "vae_gan_last.pt"):  # the uninterrupted run's VAE
+        shutil.copy(celeba_run / name, run_c / name)
+    assert main.main(["--train_diffusion", "--epochs", "1"] + celeba_args(celeba_root, run_c)) == 0
+    assert main.main(["--train_diffusion", "--checkpoint_path", str(run_c / "conditional_diffusion_last.pt"),
+                      "--total_epochs", "2", "--device", "cpu"]) == 0
+    final = load_checkpoint(str(run_c / "conditional_diffusion_final.pt"))
+    uninterrupted = load_checkpoint(str(celeba_run / "conditional_diffusion_final.pt"))
+    assert (final["epoch"], final["step"]) == (2, uninterrupted["step"])
+    assert final["config"]["diffusion_epochs"] == 2
+    assert_same_values(epoch_values(run_c, "conditional_diffusion", 2),
+                       epoch_values(celeba_run, "conditional_diffusion", 2))
+    for key in ("model", "ema"):
+        for name, tensor in uninterrupted["stage"][key].items():
+            assert torch.allclose(final["stage"][key][name].float(), tensor.float(), rtol=1e-4, atol=1e-6), name

@@ -1,0 +1,103 @@
+"""The training loop and the S2/S4 training options: early stopping, the balanced loss,
+adaptive timestep sampling."""
+import pytest
+import torch
+
+from config import Config
+from diffusion.objective import AdaptiveTimesteps, DiffusionLoss, balanced_terms
+from diffusion.schedule import NoiseSchedule
+from training.loop import fit
+from training.run import Run
+
+
+class StubStage:
+    """A stage whose held-out loss follows a script, to drive the loop's bookkeeping."""
+    kind, last_name, best_name = "conditional_diffusion", "stub_last.pt", "stub_best.pt"
+    best_metric = ("val_loss", "min")
+    early_stopping = True
+
+    def __init__(self, val_losses):
+        self.val_losses, self.validated = list(val_losses), 0
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def train_step(self, x, y, epoch):
+        return {"loss": x.mean()}
+
+    def validate(self, epoch):
+        self.validated += 1
+        return {"val_loss": self.val_losses[epoch - 1]}
+
+    def pictures(self, epoch):
+        pass
+
+    def state_dict(self):
+        return {"weight": self.weight.detach()}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class OneBatch:
+    def __len__(self):
+        return 1
+
+    def epoch(self, e):
+        yield torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
+
+
+def test_early_stopping_stops_when_the_held_out_loss_stops_improving(tmp_path):
+    losses = [1.0, 0.8, 0.7, 0.75, 0.72, 0.71, 0.9, 0.7, 0.65, 0.6]  # best at epoch 3, then 3 worse
+    stage = StubStage(losses)
+    cfg = Config(patience=3, picture_every=100)
+    best = fit(stage, OneBatch(), cfg, Run(str(tmp_path)), total_epochs=10)
+    assert stage.validated == 6 and best == pytest.approx(0.7)
+    assert (tmp_path / "stub_last.pt").exists() and (tmp_path / "stub_best.pt").exists()
+
+
+def test_patience_zero_never_stops(tmp_path):
+    stage = StubStage([1.0, 2.0, 3.0, 4.0])
+    fit(stage, OneBatch(), Config(patience=0, picture_every=100), Run(str(tmp_path)), total_epochs=4)
+    assert stage.validated == 4
+
+
+def test_balanced_terms_vanish_for_a_perfect_prediction_and_weigh_details_by_noise():
+    x0 = torch.rand(3, 3, 8, 8) * 2 - 1
+    target = torch.randn(3, 3, 8, 8)
+    perfect = balanced_terms(target, target, x0, x0, torch.tensor([0.1, 0.5, 0.9]))
+    assert torch.allclose(perfect, torch.zeros(3), atol=1e-3)
+    blurred = torch.nn.functional.avg_pool2d(x0, 3, 1, 1)  # same target error, lost details
+    low_noise = balanced_terms(target, target, blurred, x0, torch.full((3,), 0.99))
+    high_noise = balanced_terms(target, target, blurred, x0, torch.full((3,), 0.01))
+    assert (low_noise > 10 * high_noise).all() and (high_noise > 0).all()
+
+
+def test_balanced_loss_trains_through_the_diffusion_loss():
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+    loss_fn = DiffusionLoss(NoiseSchedule("cosine", 100), "v", terms="balanced")
+    loss = loss_fn(lambda x, t, y: net(x), torch.rand(4, 3, 8, 8), None)
+    loss.backward()
+    assert torch.isfinite(loss) and net.weight.grad.abs().sum() > 0
+
+
+def test_adaptive_timesteps_are_unbiased_and_follow_the_loss():
+    sampler = AdaptiveTimesteps(1000, bins=10, decay=0.0)
+    t = torch.arange(0, 1000, 10)
+    losses = torch.where(t < 100, torch.tensor(10.0), torch.tensor(1.0))  # the first bin is hard
+    sampler.update(t, losses)
+    p = sampler.probabilities("cpu")
+    assert p[0] > 3 * p[5] and p.sum().item() == pytest.approx(1.0)
+    torch.manual_seed(0)
+    samples, weights = sampler.sample(200_000, "cpu")
+    assert samples.min() >= 0 and samples.max() <= 999
+    assert weights.mean().item() == pytest.approx(1.0, rel=0.01)  # E[1 / (T p(t))] = 1
+    f = (samples.float() / 1000) ** 2  # an importance-weighted mean equals the uniform mean
+    assert (weights * f).mean().item() == pytest.approx(1 / 3, rel=0.02)
+
+
+def test_adaptive_loss_runs_without_host_sync_and_keeps_state():
+    loss_fn = DiffusionLoss(NoiseSchedule("linear", 100), "eps", timestep_sampling="adaptive")
+    net = torch.nn.Conv2d(2, 2, 1)
+    for _ in range(3):
+        loss_fn(lambda x, t, y: net(x), torch.randn(8, 2, 4, 4), None).backward()
+    state = loss_fn.adaptive.state_dict()
+    assert state["mean_sq"].shape == (20,) and not torch.allclose(state["mean_sq"], torch.ones(20))
