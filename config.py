@@ -65,6 +65,13 @@ class Config:
     num_heads: int = 4
     dropout: float = 0.1
     time_embed_dim: int | None = None
+    transformer_width: int = 256          # transformer: token width, blocks, heads, patch size,
+    transformer_depth: int = 8            # attention kind (linear: elu+1 kernel; softmax: SDPA)
+    transformer_heads: int = 4
+    patch_size: int = 2
+    attention: str = "linear"
+    mlp_ratio: float = 4.0
+    transformer_decoder_channels: int = 64
     # --- diffusion ---
     schedule: str = "cosine"
     timesteps: int = 1000
@@ -119,7 +126,8 @@ PRESETS = {
     "default": {},
     # Small widths and short runs for smoke tests on a CPU.
     # No vae_channel_mults: a dataset recipe's extra level must survive (64x64 keeps its 8x8 latent).
-    "tiny": dict(vae_base_channels=16, latent_channels=4, disc_channels=16,
+    "tiny": dict(transformer_width=32, transformer_depth=2, transformer_heads=2, patch_size=4,
+                 transformer_decoder_channels=16, vae_base_channels=16, latent_channels=4, disc_channels=16,
                  base_channels=32, channel_mults=(1, 2), num_res_blocks=1, num_heads=2,
                  vae_batch_size=32, batch_size=32, timesteps=100, steps=10, warmup_steps=10,
                  vae_epochs=2, diffusion_epochs=2, picture_every=1, log_every=5,
@@ -265,6 +273,7 @@ def validate(cfg):
         (cfg.loss in ("mse", "balanced"), f"unknown --loss {cfg.loss!r}; choose mse or balanced"),
         (cfg.timestep_sampling in ("uniform", "adaptive"), f"unknown --timestep_sampling {cfg.timestep_sampling!r}"),
         (cfg.patience >= 0, f"--patience must not be negative, got {cfg.patience}"),
+        (cfg.attention in ("linear", "softmax"), f"unknown --attention {cfg.attention!r}; choose linear or softmax"),
         (cfg.amp in ("auto", "bf16", "fp16", "none"), f"unknown --amp {cfg.amp!r}"),
     ]
     for ok, message in checks:

@@ -10,6 +10,7 @@ Training runs through the suite's own DenoiserStage.train_step (DiffusionLoss, a
 pipeline.Pipeline.sample with the config's guidance scale. See bench/README.md.
 """
 import argparse
+import ctypes
 import datetime
 import gc
 import json
@@ -53,11 +54,11 @@ class Settings:
 
 
 def settings_for(device, quick, config_batch):
-    on_cpu = device.type != "cuda"  # CPUs (and MPS) get small batches so a run takes minutes
-    train_batch, sample_batch = (16, 4) if on_cpu else (config_batch, 256)
-    if quick:
-        return Settings(train_batch, 2, 3, 3, sample_batch, 1, 20 if on_cpu else 100)
-    return Settings(train_batch, 10, 5, 20, sample_batch, 3, 1000)
+    if device.type == "cuda":
+        return Settings(config_batch, 10, 5, 20, 256, 3, 1000) if not quick else \
+            Settings(config_batch, 3, 3, 5, 256, 1, 100)
+    # CPUs (and MPS) get small batches, so that a --quick run of every model takes minutes.
+    return Settings(16, 2, 5, 3, 4, 3, 1000) if not quick else Settings(8, 1, 3, 2, 2, 1, 10)
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -105,7 +106,8 @@ def compute_dtype(device, amp):
 
 def peak_flops(device, dtype, quick):
     """(FLOP/s, where the number comes from): a datasheet peak for known GPUs, else a measured
-    large matmul in the training dtype (what this device's BLAS reaches now, not a datasheet)."""
+    large matmul in the training dtype: what this device's BLAS reaches now, measured again next to
+    each model, since on a shared CPU "now" changes from minute to minute."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in GPU_PEAK_TFLOPS:
@@ -148,6 +150,10 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        try:  # hand memory the previous model freed back to the OS, or this one's growth hides in it
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets the peak resident set to the current one
@@ -242,8 +248,11 @@ def parameter_count(model):
 
 # --- one model --------------------------------------------------------------------------------
 
-def benchmark_model(cfg, device, s, peak, network=None):
+def benchmark_model(name, cfg, device, s, quick, network=None):
+    print(f"{name} ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     seed_everything(0)
+    peak, _ = peak_flops(device, compute_dtype(device, cfg.amp), quick)
     memory = PeakMemory(device)
     memory.start()
     stage, shape = make_stage(cfg, device, network)
@@ -257,7 +266,8 @@ def benchmark_model(cfg, device, s, peak, network=None):
         "params": parameter_count(stage.model),
         "sample_shape": list(shape),
         "train": {"batch": s.train_batch, "seconds_per_step": seconds, "seconds_per_step_all": all_seconds,
-                  "images_per_s": images_per_s, "training_gflop_per_image": flops / 1e9,
+                  "images_per_s": images_per_s, "images_per_s_best": s.train_batch / min(all_seconds),
+                  "training_gflop_per_image": flops / 1e9, "peak_tflop_per_s": peak and peak / 1e12,
                   "achieved_tflop_per_s": flops * images_per_s / 1e12,
                   "mfu": flops * images_per_s / peak if peak else None,
                   "peak_memory_mb": peak_mb, "memory_kind": memory.kind()},
@@ -267,6 +277,7 @@ def benchmark_model(cfg, device, s, peak, network=None):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    print(f"{name}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return result
 
 
@@ -328,27 +339,27 @@ def models_to_run(requested, notes):
 
 def print_table(report):
     rows = report["models"]
-    print(f"\n{report['device']}  torch {report['torch']}  commit {report['git_commit']}"
-          f"{' (dirty)' if report['git_dirty'] else ''}  peak {fmt(report['peak_tflop_per_s'], '.2f')} TFLOP/s "
-          f"({report['peak_source']})")
-    print(f"{'model':<17}{'params M':>9}{'batch':>6}{'train img/s':>12}{'GFLOP/img':>10}{'TFLOP/s':>9}"
-          f"{'MFU %':>7}{'peak MB':>9}")
+    print(f"\n{report['device']}, torch {report['torch']}, commit {report['git_commit']}"
+          f"{' (dirty)' if report['git_dirty'] else ''}, {report['compute_dtype']}; peak: {report['peak_source']}")
+    print(f"{'model':<17}{'params M':>9}{'batch':>6}{'train img/s':>12}{'(best)':>8}{'GFLOP/img':>10}"
+          f"{'TFLOP/s':>9}{'peak':>8}{'MFU %':>7}{'mem MB':>8}")
     for name, r in rows.items():
         t = r["train"]
-        print(f"{name:<17}{r['params'] / 1e6:>9.2f}{t['batch']:>6}{t['images_per_s']:>12.2f}"
-              f"{t['training_gflop_per_image']:>10.2f}{t['achieved_tflop_per_s']:>9.3f}"
-              f"{fmt(t['mfu'] and 100 * t['mfu'], '.1f'):>7}{fmt(t['peak_memory_mb'], '.0f'):>9}")
+        print(f"{name:<17}{r['params'] / 1e6:>9.2f}{t['batch']:>6}{t['images_per_s']:>12.3g}"
+              f"{t['images_per_s_best']:>8.3g}{t['training_gflop_per_image']:>10.2f}"
+              f"{t['achieved_tflop_per_s']:>9.3g}{fmt(t['peak_tflop_per_s'], '.3g'):>8}"
+              f"{fmt(t['mfu'] and 100 * t['mfu'], '.1f'):>7}{fmt(t['peak_memory_mb'], '.0f'):>8}")
     first = next(iter(rows.values()))["sampling"]
     print(f"\nsampling images/s (ms per step), batch {first['runs'][0]['batch']}, guidance "
           f"{first['guidance_scale']} (network batch {first['network_batch_per_step']}); * = extrapolated")
-    print(f"{'model':<17}" + "".join(f"{f'{s}{n}':>17}" for s, n in SAMPLERS))
+    print(f"{'model':<17}" + "".join(f"{f'{s}{n}':>16}" for s, n in SAMPLERS))
     for name, r in rows.items():
         cells = []
         for run in r["sampling"]["runs"]:
             rate = run["images_per_s"] if run["images_per_s"] is not None else run["images_per_s_extrapolated"]
             star = "" if run["images_per_s"] is not None else "*"
-            cells.append(f"{rate:.3g}{star} ({run['ms_per_step']:.3g})")
-        print(f"{name:<17}" + "".join(f"{c:>17}" for c in cells))
+            cells.append(f"{rate:.3g}{star} ({run['ms_per_step']:.0f})")
+        print(f"{name:<17}" + "".join(f"{c:>16}" for c in cells))
     for note in report["notes"]:
         print(f"note: {note}")
 
@@ -373,31 +384,28 @@ def main():
     with_reference = requested is None or REFERENCE in requested
     s = settings_for(device, args.quick, model_config("unet", args.compile).batch_size)
     dtype = compute_dtype(device, model_config("unet", args.compile).amp)
-    peak, peak_source = peak_flops(device, dtype, args.quick)
+    _, peak_source = peak_flops(device, dtype, args.quick)
     commit, dirty = git_commit()
     report = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
               "git_commit": commit, "git_dirty": dirty, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name] + sys.argv), "settings": asdict(s),
-              "compile": args.compile, "compute_dtype": str(dtype), "peak_tflop_per_s": peak and peak / 1e12,
-              "peak_source": peak_source, "models": {}, "notes": notes}
+              "compile": args.compile, "compute_dtype": str(dtype), "peak_source": peak_source, "models": {}, "notes": notes}
     if device.type == "cpu":
         notes.append("CPU timings: one shared machine, other processes running; expect noise of tens of percent")
 
     for name in names:
-        print(f"benchmarking {name} ...", file=sys.stderr)
-        report["models"][name] = benchmark_model(model_config(name, args.compile), device, s, peak)
+        report["models"][name] = benchmark_model(name, model_config(name, args.compile), device, s, args.quick)
     if with_reference:
         try:
             import diffusers
         except ImportError:
             notes.append(f"{REFERENCE} skipped: diffusers is not installed (pip install diffusers)")
         else:
-            print(f"benchmarking {REFERENCE} ...", file=sys.stderr)
             cfg = model_config("unet", args.compile)
             with torch.device("meta"):  # shapes only
                 ours = parameter_count(build_denoiser(cfg, NUM_CLASSES, 3, cfg.image_size))
             network, layout = diffusers_reference(cfg, ours)
-            result = benchmark_model(cfg, device, s, peak, network)
+            result = benchmark_model(REFERENCE, cfg, device, s, args.quick, network)
             result.update(diffusers_version=diffusers.__version__, matched_to="unet",
                           param_ratio_to_unet=result["params"] / ours, **layout)
             report["models"][REFERENCE] = result

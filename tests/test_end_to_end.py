@@ -117,3 +117,23 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, cifar10_root, 
     assert os.path.isfile(os.path.join(latent_run, "memorization_closest_pairs.png"))
     assert generate.main(["--classify", "--results_dir", latent_run, "--num_samples", "4", "--device", "cpu"]) == 0
     assert 1 <= json.load(open(os.path.join(latent_run, "classify.json")))["images"] <= 4  # the fixture holds few
+
+
+@pytest.mark.parametrize("model", ["unet", "attn_unet", "transformer"])
+def test_pixel_denoisers_on_all_ten_cifar_classes(model, cifar10_root, tmp_path):
+    run = str(tmp_path / model)
+    extra = ["--loss", "balanced", "--timestep_sampling", "adaptive"] if model == "unet" else []
+    assert main.main(["--train_diffusion", "--model", model, "--dataset", "cifar10", "--data_root", str(cifar10_root),
+                      "--epochs", "1", "--results_dir", run] + TINY + extra) == 0
+    state = load_checkpoint(os.path.join(run, "conditional_diffusion_final.pt"))
+    assert state["config"]["model"] == model and "vae" not in state["stage"]
+    assert len(state["stage"]["class_names"]) == 10
+    out = str(tmp_path / "gen")
+    assert generate.main(["--model_path", os.path.join(run, "conditional_diffusion_final.pt"), "--class_name", "horse",
+                          "--num_samples", "2", "--steps", "4", "--guidance_scale", "3", "--output_dir", out,
+                          "--device", "cpu"]) == 0
+    assert len(os.listdir(os.path.join(out, "horse"))) == 2
+    for mode in ("forward_process", "denoising_steps"):
+        assert visualize.main(["--results_dir", run, "--mode", mode, "--class_name", "horse", "--steps", "4",
+                               "--device", "cpu"]) == 0
+    assert os.path.isfile(os.path.join(run, "denoising_steps_horse.png"))

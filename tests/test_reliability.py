@@ -27,7 +27,7 @@ from helpers_cli import assert_one_line_error, one_torch_thread, run_cli, run_ma
 
 RUN = ["--train_diffusion", "--model", "unet", "--dataset", "folder", "--preset", "tiny", "--batch_size", "4",
        "--image_size", "16", "--base_channels", "16", "--perceptual_weight", "0", "--checkpoint_every", "1",
-       "--picture_every", "1000", "--seed", "3"]
+       "--picture_every", "1000", "--seed", "3", "--patience", "0"]
 STAGE = "conditional_diffusion"
 LAST, FINAL = f"{STAGE}_last.pt", f"{STAGE}_final.pt"
 STEPS_PER_EPOCH = 3  # 16 images, 1 per class held out, batches of 4
@@ -239,6 +239,7 @@ def test_sigkill_at_random_moments_then_resume_finishes(data, tmp_path):
         saved_epoch = state["epoch"]
         assert time.monotonic() < deadline, f"over the time cap (seed {seed}): {history}"
 
+    print(f"SIGKILL test, seed {seed}: (delay s, last epoch reported, epoch in checkpoint) per kill: {history}")
     final = load(run_dir / FINAL)
     assert final["epoch"] == epochs and final["step"] == epochs * STEPS_PER_EPOCH, (seed, history)
     assert load(run_dir / LAST)["epoch"] == epochs

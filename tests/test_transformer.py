@@ -106,6 +106,16 @@ def test_linear_attention_matches_quadratic_definition():
     assert torch.equal(out, linear_attention(q.float(), k.float(), v.float()).bfloat16())
 
 
+def test_unpatchify_puts_each_token_on_its_patch():
+    model = tiny_model()
+    p, g, c = model.patch_size, model.grid_size, model.decoder_channels
+    tokens = torch.randn(2, g * g, p * p * c)
+    image = model.unpatchify(tokens)
+    for i, j in [(0, 0), (0, 5), (3, 1), (g - 1, g - 1)]:  # token i * g + j is the patch at row i, column j
+        patch = image[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p]
+        assert torch.equal(patch.permute(0, 2, 3, 1).reshape(2, -1), tokens[:, i * g + j])
+
+
 def test_same_seed_same_model_and_output():
     a, b = unzero(tiny_model(seed=3)), unzero(tiny_model(seed=3))
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):

@@ -63,7 +63,9 @@ ARCHITECTURE_FIELDS = {
                 "latent_channels", "disc_channels", "attribute"),
     "conditional_diffusion": ("dataset", "model", "image_size", "base_channels", "channel_mults",
                               "num_res_blocks", "attention_resolutions", "num_heads", "time_embed_dim",
-                              "schedule", "timesteps", "prediction", "attribute"),
+                              "schedule", "timesteps", "prediction", "attribute", "transformer_width",
+                              "transformer_depth", "transformer_heads", "patch_size", "attention", "mlp_ratio",
+                              "transformer_decoder_channels", "latent_channels"),
     "classifier": ("dataset", "image_size", "attribute"),
 }
 

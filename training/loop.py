@@ -86,12 +86,13 @@ class _SignalCatcher:
 def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
     """Train `stage` until `total_epochs` epochs are done. `stage` provides kind, train_step,
     validate, pictures, state_dict/load_state_dict, best_metric ("name", "min"|"max")."""
-    epoch, step, skip_batches, best = 0, 0, 0, None
+    epoch, step, skip_batches, best, since_best = 0, 0, 0, None, 0
     partial = ({}, 0)  # loss sums and count of the batches of a stopped epoch done before the stop
     if resume_state is not None:
         stage.load_state_dict(resume_state["stage"])
         epoch, step = resume_state["epoch"], resume_state["step"]
         skip_batches, best = resume_state.get("batch_in_epoch", 0), resume_state.get("best")
+        since_best = resume_state.get("epochs_since_best", 0)
         partial = (dict(resume_state.get("epoch_sums", {})), resume_state.get("epoch_count", 0))
         set_rng_state(resume_state["rng"])
         if dist.is_main():
