@@ -55,10 +55,13 @@ class Settings:
 
 def settings_for(device, quick, config_batch):
     if device.type == "cuda":
-        return Settings(config_batch, 10, 5, 20, 256, 3, 1000) if not quick else \
-            Settings(config_batch, 3, 3, 5, 256, 1, 100)
-    # CPUs (and MPS) get small batches, so that a --quick run of every model takes minutes.
-    return Settings(16, 2, 5, 3, 4, 3, 1000) if not quick else Settings(8, 1, 3, 2, 2, 1, 10)
+        batches = dict(train_batch=config_batch, sample_batch=256)
+    else:  # CPUs (and MPS) get small batches, so that a --quick run of every model takes minutes
+        batches = dict(train_batch=8, sample_batch=2) if quick else dict(train_batch=16, sample_batch=4)
+    if quick:
+        return Settings(**batches, warmup_steps=1 if device.type != "cuda" else 3, repeats=3, steps_per_repeat=2,
+                        sample_repeats=1, ddpm_steps=10 if device.type != "cuda" else 100)
+    return Settings(**batches, warmup_steps=10, repeats=5, steps_per_repeat=20, sample_repeats=3, ddpm_steps=1000)
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -326,8 +329,8 @@ def device_name(device):
     return f"{cpu} ({torch.get_num_threads()} threads)" if device.type == "cpu" else device.type
 
 
-def models_to_run(requested, notes):
-    names = list(requested or DENOISERS)
+def models_to_run(names, notes):
+    names = list(names)
     if "transformer" in names:
         try:
             import models.transformer  # noqa: F401
@@ -339,6 +342,9 @@ def models_to_run(requested, notes):
 
 def print_table(report):
     rows = report["models"]
+    if not rows:
+        print("no model was benchmarked")
+        return
     print(f"\n{report['device']}, torch {report['torch']}, commit {report['git_commit']}"
           f"{' (dirty)' if report['git_dirty'] else ''}, {report['compute_dtype']}; peak: {report['peak_source']}")
     print(f"{'model':<17}{'params M':>9}{'batch':>6}{'train img/s':>12}{'(best)':>8}{'GFLOP/img':>10}"
@@ -379,9 +385,12 @@ def main():
 
     device = select_device(args.device)
     notes = []
-    requested = args.models.split(",") if args.models else None
-    names = models_to_run([n for n in requested or DENOISERS if n != REFERENCE], notes)
-    with_reference = requested is None or REFERENCE in requested
+    requested = args.models.split(",") if args.models else [*DENOISERS, REFERENCE]
+    unknown = set(requested) - {*DENOISERS, REFERENCE}
+    if unknown:
+        p.error(f"unknown --models {', '.join(sorted(unknown))}")
+    names = models_to_run([n for n in requested if n != REFERENCE], notes)
+    with_reference = REFERENCE in requested
     s = settings_for(device, args.quick, model_config("unet", args.compile).batch_size)
     dtype = compute_dtype(device, model_config("unet", args.compile).amp)
     _, peak_source = peak_flops(device, dtype, args.quick)

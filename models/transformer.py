@@ -102,7 +102,7 @@ class DiffusionTransformer(nn.Module):
                                     for _ in range(depth))
         self.final_norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-        self.unpatch = nn.Linear(width, patch_size * patch_size * decoder_channels)
+        self.token_to_patch = nn.Linear(width, patch_size * patch_size * decoder_channels)
         self.decoder = nn.ModuleList(ResBlock(decoder_channels, decoder_channels, width, dropout)
                                      for _ in range(2))
         self.norm_out = make_norm("group", decoder_channels)
@@ -110,15 +110,15 @@ class DiffusionTransformer(nn.Module):
         self.initialize()
 
     def initialize(self):
-        for module in list(self.blocks.modules()) + [self.unpatch]:
+        for module in list(self.blocks.modules()) + [self.token_to_patch]:
             if isinstance(module, nn.Linear):  # DiT's init for the transformer's linear layers
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         # adaLN-Zero: blocks start as the identity; the zero output conv makes the whole network
         # start as the zero predictor, as the UNet does.
-        for linear in [block.modulation[-1] for block in self.blocks] + [self.final_modulation[-1], self.conv_out]:
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+        for layer in [block.modulation[-1] for block in self.blocks] + [self.final_modulation[-1], self.conv_out]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     @classmethod
     def from_config(cls, cfg, num_classes, in_channels, image_size):
@@ -141,7 +141,7 @@ class DiffusionTransformer(nn.Module):
         for block in self.blocks:
             h = block(h, cond)
         shift, scale = self.final_modulation(cond)[:, None].chunk(2, dim=-1)
-        h = self.unpatchify(self.unpatch(modulate(self.final_norm(h), shift, scale)))
+        h = self.unpatchify(self.token_to_patch(modulate(self.final_norm(h), shift, scale)))
         for block in self.decoder:
             h = block(h, cond)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -25,6 +25,15 @@ S5_NAMES = ("vae_gan_best.pt", "vae_gan_last.pt", "conditional_diffusion_final.p
 FLOWER, FLOWER_SAFE = "pink primrose", "pink_primrose"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU, two threads spin-wait on each other (4-10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def celeba_args(root, results_dir, *extra):
     return ["--dataset", "celeba_smiling", "--data_root", str(root), "--results_dir", str(results_dir),
             "--seed", str(SEED), "--batch_size", "4", *TINY, *extra]
