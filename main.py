@@ -63,6 +63,7 @@ def parse_args(argv=None):
     g.add_argument("--eval_every", type=int, help="epochs between offline sample metrics during training (0: off)")
     g.add_argument("--eval_samples", type=int, help="samples per evaluation during training (default 500)")
     g.add_argument("--classifier_path", help="real-data classifier checkpoint for the offline metrics")
+    g.add_argument("--classifier_width", type=int, help="--train_classifier: ResNet width (default 64)")
     g = p.add_argument_group("engineering")
     g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (auto: bf16 on CUDA)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the denoiser")

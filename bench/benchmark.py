@@ -14,6 +14,7 @@ import ctypes
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -107,10 +108,10 @@ def compute_dtype(device, amp):
     return torch.float16 if amp == "fp16" else torch.bfloat16
 
 
-def peak_flops(device, dtype, quick):
-    """(FLOP/s, where the number comes from): a datasheet peak for known GPUs, else a measured
-    large matmul in the training dtype: what this device's BLAS reaches now, measured again next to
-    each model, since on a shared CPU "now" changes from minute to minute."""
+def peak_flops(device, dtype):
+    """(FLOP/s, where the number comes from): a datasheet peak for known GPUs, else the best of
+    several large matmuls in the training dtype: what this device's BLAS reaches now, measured
+    again next to each model, since on a shared CPU "now" changes from minute to minute."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in GPU_PEAK_TFLOPS:
@@ -120,10 +121,10 @@ def peak_flops(device, dtype, quick):
                     note += f" (training runs in {dtype}: MFU is against the bf16 peak)"
                 return tflops * 1e12, note
         return None, f"no peak known for {name}: MFU not computed"
-    n = 1024 if quick else 2048
+    n = 2048
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    seconds, _ = time_per_call(lambda: a @ b, device, warmup=2, repeats=5)
-    return 2 * n ** 3 / seconds, f"measured: {n}x{n} {dtype} matmul, {torch.get_num_threads()} threads"
+    _, all_seconds = time_per_call(lambda: a @ b, device, warmup=1, repeats=10)
+    return 2 * n ** 3 / min(all_seconds), f"best {n}x{n} {dtype} matmul, threads={torch.get_num_threads()}"
 
 
 def training_flops_per_image(model, shape, device):
@@ -251,11 +252,11 @@ def parameter_count(model):
 
 # --- one model --------------------------------------------------------------------------------
 
-def benchmark_model(name, cfg, device, s, quick, network=None):
+def benchmark_model(name, cfg, device, s, network=None):
     print(f"{name} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     seed_everything(0)
-    peak, _ = peak_flops(device, compute_dtype(device, cfg.amp), quick)
+    peak, _ = peak_flops(device, compute_dtype(device, cfg.amp))
     memory = PeakMemory(device)
     memory.start()
     stage, shape = make_stage(cfg, device, network)
@@ -326,7 +327,7 @@ def device_name(device):
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu} ({torch.get_num_threads()} threads)" if device.type == "cpu" else device.type
+    return f"{cpu}, threads={torch.get_num_threads()}" if device.type == "cpu" else device.type
 
 
 def models_to_run(names, notes):
@@ -378,11 +379,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     p.add_argument("--out", help="JSON file (default bench/results/<device>-<date>.json)")
-    p.add_argument("--quick", action="store_true", help="fewer repeats; on CPU DDPM's 1000 steps are extrapolated")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and, on CPU, smaller batches; DDPM-1000 "
+                                                         "extrapolated from 10 steps (CPU) or 100 (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training model (not sampling)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); on a busy "
+                                               "machine 1 is far steadier than threads that wait on each other")
     p.add_argument("--models", help=f"comma-separated subset of {','.join(DENOISERS)},{REFERENCE}")
     args = p.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = select_device(args.device)
     notes = []
     requested = args.models.split(",") if args.models else [*DENOISERS, REFERENCE]
@@ -393,17 +399,16 @@ def main():
     with_reference = REFERENCE in requested
     s = settings_for(device, args.quick, model_config("unet", args.compile).batch_size)
     dtype = compute_dtype(device, model_config("unet", args.compile).amp)
-    _, peak_source = peak_flops(device, dtype, args.quick)
+    _, peak_source = peak_flops(device, dtype)
     commit, dirty = git_commit()
     report = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
               "git_commit": commit, "git_dirty": dirty, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name] + sys.argv), "settings": asdict(s),
-              "compile": args.compile, "compute_dtype": str(dtype), "peak_source": peak_source, "models": {}, "notes": notes}
-    if device.type == "cpu":
-        notes.append("CPU timings: one shared machine, other processes running; expect noise of tens of percent")
+              "compile": args.compile, "compute_dtype": str(dtype), "peak_source": peak_source,
+              "load_average_start": os.getloadavg()[0], "models": {}, "notes": notes}
 
     for name in names:
-        report["models"][name] = benchmark_model(name, model_config(name, args.compile), device, s, args.quick)
+        report["models"][name] = benchmark_model(name, model_config(name, args.compile), device, s)
     if with_reference:
         try:
             import diffusers
@@ -414,12 +419,20 @@ def main():
             with torch.device("meta"):  # shapes only
                 ours = parameter_count(build_denoiser(cfg, NUM_CLASSES, 3, cfg.image_size))
             network, layout = diffusers_reference(cfg, ours)
-            result = benchmark_model(REFERENCE, cfg, device, s, args.quick, network)
+            result = benchmark_model(REFERENCE, cfg, device, s, network)
             result.update(diffusers_version=diffusers.__version__, matched_to="unet",
                           param_ratio_to_unet=result["params"] / ours, **layout)
             report["models"][REFERENCE] = result
             notes.append(f"{REFERENCE}: widths {layout['block_out_channels']}, {result['params'] / ours:.3f}x the "
                          f"parameters of our unet, same batch, loss, optimizer, EMA and sampler")
+    report["load_average_end"] = os.getloadavg()[0]
+    busiest = max(report["load_average_start"], report["load_average_end"])
+    if device.type == "cpu" and busiest > (os.cpu_count() or 1) - 0.5:
+        notes.append(f"the machine was busy (load average up to {busiest:.1f} on {os.cpu_count()} cores): "
+                     f"CPU timings are contended and noisy")
+    if device.type != "cuda":
+        notes.append("CPU MFU is against a measured fp32 matmul (MKL), not a datasheet peak; oneDNN convolutions "
+                     "(which may use Winograd) can beat it, so MFU over 100% is possible")
     if args.quick and s.ddpm_steps != 1000:
         notes.append(f"ddpm1000 is extrapolated from {s.ddpm_steps} measured steps (ms per step is measured)")
 

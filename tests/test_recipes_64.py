@@ -14,6 +14,7 @@ import generate
 import main
 import visualize
 from config import PRESETS, build_config
+from data import safe_name
 from training.checkpoint import load_checkpoint
 from training.run import Run
 from training.vae_gan import loss_weights
@@ -115,12 +116,15 @@ def test_flowers_recipe_has_repulsion_and_flags_override_the_recipe():
     assert loss_weights(cfg, 6.9)["adversarial"] == 0 and loss_weights(cfg, 7)["adversarial"] == cfg.adv_weight
 
 
+@pytest.mark.parametrize("preset", ["tiny", "cpu"])
 @pytest.mark.parametrize("dataset", ["celeba_smiling", "flowers102"])
-def test_tiny_preset_switches_every_stage_on_within_two_epochs(dataset):
-    cfg = recipe_config(dataset, "--preset", "tiny")
-    assert cfg.vae_epochs == 2 and tuple(cfg.vae_channel_mults) == (1, 2, 2, 4)  # the recipe's extra level stays
-    assert "vae_channel_mults" not in PRESETS["tiny"]
-    early, late = loss_weights(cfg, 0), loss_weights(cfg, 1.99)
+def test_short_presets_switch_every_stage_on(dataset, preset):
+    """A preset overrides the recipe: its short run still reaches every stage (tiny: within 2 epochs)."""
+    cfg = recipe_config(dataset, "--preset", preset)
+    assert tuple(cfg.vae_channel_mults) == (1, 2, 2, 4)  # the recipe's extra level survives the preset
+    assert "vae_channel_mults" not in PRESETS[preset]
+    assert preset != "tiny" or cfg.vae_epochs == 2
+    early, late = loss_weights(cfg, 0), loss_weights(cfg, cfg.vae_epochs - 0.01)
     assert early["kl"] == 0 and early["adversarial"] == 0  # still in order: KL rising, adversarial last
     for name in ("kl", "classifier", "center", "adversarial"):
         assert late[name] > 0, name
@@ -174,7 +178,8 @@ def test_celeba_kaggle_layout_and_attribute(celeba_kaggle_run, tmp_path):
     assert os.path.getsize(celeba_kaggle_run / "samples_grid.png") > 1000
 
 
-def test_flowers102_run_with_file_safe_names(flowers_run, tmp_path):
+def test_flowers102_run_with_file_safe_names(flowers_run, tmp_path, monkeypatch):
+    from viz import figures
     for name in S5_NAMES:
         assert os.path.isfile(flowers_run / name), name
     final = load_checkpoint(str(flowers_run / "conditional_diffusion_final.pt"))
@@ -194,13 +199,29 @@ def test_flowers102_run_with_file_safe_names(flowers_run, tmp_path):
     assert generate.main(["--results_dir", str(flowers_run), "--create_animation", "--class_name", FLOWER_SAFE,
                           "--device", "cpu"]) == 0
     assert os.path.isfile(flowers_run / f"diffusion_animation_{FLOWER_SAFE}.gif")
-    for name in ("PINK PRIMROSE", FLOWER_SAFE):  # case-insensitive, or the file-safe form
-        path = flowers_run / f"denoising_path_{FLOWER_SAFE}.png"
+    # --class_name all with 102 classes: one GIF for each class of a spread, not the first ten.
+    assert generate.main(["--results_dir", str(flowers_run), "--create_animation", "--steps", "2",
+                          "--device", "cpu"]) == 0
+    names = final["stage"]["class_names"]
+    gifs = {f for f in os.listdir(flowers_run) if f.startswith("diffusion_animation_")}
+    assert gifs == {f"diffusion_animation_{safe_name(names[c])}.gif" for c in figures.pick_classes(names)} | \
+        {f"diffusion_animation_{FLOWER_SAFE}.gif"}
+    assert "diffusion_animation_blackberry_lily.gif" in gifs  # the last class, "blackberry lily"
+    shown = []  # the real latents drawn under the paths: a spread of the 102 classes, plus the sampled one
+    draw = figures.denoising_path_figure
+    monkeypatch.setattr(figures, "denoising_path_figure",
+                        lambda pipe, label, latents, labels, *a, **k: (shown.append(set(labels.tolist())),
+                                                                       draw(pipe, label, latents, labels, *a, **k)))
+    for name in ("PINK PRIMROSE", FLOWER_SAFE, "Sweet Pea"):  # case-insensitive, or the file-safe form
+        safe = safe_name(name.lower())
+        path = flowers_run / f"denoising_path_{safe}.png"
         if path.exists():
             path.unlink()
         assert visualize.main(["--results_dir", str(flowers_run), "--mode", "denoising_path", "--class_name", name,
                                "--num_samples", "2", "--device", "cpu"]) == 0
         assert os.path.getsize(path) > 1000
+    spread = set(figures.pick_classes(final["stage"]["class_names"]))
+    assert shown == [spread, spread, spread | {3}] and len(spread) == 10  # 3: sweet pea
     assert not any(" " in f for f in os.listdir(flowers_run))
     assert visualize.main(["--results_dir", str(flowers_run), "--mode", "samples_grid", "--classes", FLOWER,
                            "sweet_pea", "Globe-Flower", "--num_samples", "1", "--device", "cpu"]) == 0
@@ -242,14 +263,16 @@ def test_denoiser_resume_to_total_epochs_matches_an_uninterrupted_run(celeba_run
     for name in ("vae_gan_best.pt", "vae_gan_last.pt"):  # the uninterrupted run's VAE
         shutil.copy(celeba_run / name, run_c / name)
     assert main.main(["--train_diffusion", "--epochs", "1"] + celeba_args(celeba_root, run_c)) == 0
-    assert main.main(["--train_diffusion", "--checkpoint_path", str(run_c / "conditional_diffusion_last.pt"),
-                      "--total_epochs", "2", "--device", "cpu"]) == 0
-    final = load_checkpoint(str(run_c / "conditional_diffusion_final.pt"))
     uninterrupted = load_checkpoint(str(celeba_run / "conditional_diffusion_final.pt"))
-    assert (final["epoch"], final["step"]) == (2, uninterrupted["step"])
-    assert final["config"]["diffusion_epochs"] == 2
-    assert_same_values(epoch_values(run_c, "conditional_diffusion", 2),
-                       epoch_values(celeba_run, "conditional_diffusion", 2))
-    for key in ("model", "ema"):
-        for name, tensor in uninterrupted["stage"][key].items():
-            assert torch.allclose(final["stage"][key][name].float(), tensor.float(), rtol=1e-4, atol=1e-6), name
+    expected = epoch_values(celeba_run, "conditional_diffusion", 2)
+    # Into a folder without the VAE (the checkpoint holds its own), then into its own folder (S5's form).
+    for extra, folder in ((["--results_dir", str(tmp_path / "d")], tmp_path / "d"), ([], run_c)):
+        assert main.main(["--train_diffusion", "--checkpoint_path", str(run_c / "conditional_diffusion_last.pt"),
+                          "--total_epochs", "2", "--device", "cpu", *extra]) == 0
+        final = load_checkpoint(str(folder / "conditional_diffusion_final.pt"))
+        assert (final["epoch"], final["step"]) == (2, uninterrupted["step"])
+        assert final["config"]["diffusion_epochs"] == 2
+        assert_same_values(epoch_values(folder, "conditional_diffusion", 2), expected)
+        for key in ("model", "ema"):
+            for name, tensor in uninterrupted["stage"][key].items():
+                assert torch.allclose(final["stage"][key][name].float(), tensor.float(), rtol=1e-4, atol=1e-6), name

@@ -102,15 +102,21 @@ def train_vae(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     return run
 
 
-def _latent_data(cfg, device, train, val):
+def _latent_data(cfg, device, train, val, resumed=None):
     """Encode the training images and their mirror images once with the trained VAE; batches
-    then hold (mean, logvar) so each step draws a fresh posterior sample."""
+    then hold (mean, logvar) so each step draws a fresh posterior sample. `resumed` (a denoiser
+    checkpoint's stage): its own VAE and standardization, whatever the folder's VAE is now (it may
+    have been trained on, or the run continues into another --results_dir)."""
     from models import build_vae
     from pipeline import encode_images, load_vae_state
     from training.denoiser import latent_standardization
-    state, path = load_vae_state(cfg.results_dir, cfg)
+    if resumed is not None:
+        weights, path = resumed["vae"], "the denoiser checkpoint's VAE"
+    else:
+        state, path = load_vae_state(cfg.results_dir, cfg)
+        weights = state["stage"]["vae"]
     vae = build_vae(cfg, len(train.class_names), cfg.image_size)
-    vae.load_state_dict(state["stage"]["vae"])
+    vae.load_state_dict(weights)
     vae.to(device).eval().requires_grad_(False)
     if dist.is_main():
         print(f"encoding {len(train.images)} training images (and mirrors) with {path}", file=sys.stderr)
@@ -123,6 +129,8 @@ def _latent_data(cfg, device, train, val):
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     sample = lambda m, lv: m + torch.randn(m.shape, generator=g).to(m.device) * torch.exp(0.5 * lv)  # noqa: E731
     shift, scale = latent_standardization(torch.cat([sample(mean, logvar), sample(mean_f, logvar_f)]))
+    if resumed is not None:
+        shift, scale = resumed["latent_shift"].to(shift.device), resumed["latent_scale"].to(scale.device)
     val_mean, val_logvar = encode_images(vae, val.images, device)
     return vae, latents, labels, shift, scale, (sample(val_mean, val_logvar) - shift) / scale
 
@@ -135,7 +143,8 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     train, val = load_splits(cfg)
     per_rank = dist.per_rank_batch_size(cfg.batch_size)
     if cfg.is_latent:
-        vae, latents, labels, shift, scale, val_x = _latent_data(cfg, device, train, val)
+        vae, latents, labels, shift, scale, val_x = _latent_data(cfg, device, train, val,
+                                                                 state["stage"] if state is not None else None)
         batcher = DeviceBatcher(latents, labels, per_rank, device, flip=False, seed=cfg.seed,
                                 rank=dist.rank(), world_size=dist.world_size())
         shape = latents.shape[1:]
@@ -146,9 +155,6 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
                                 rank=dist.rank(), world_size=dist.world_size())
         stage = DenoiserStage(cfg, train.class_names, train.images.shape[1:], device, to_float(val.images),
                               val.labels, run)
-    if state is not None and cfg.is_latent:  # the VAE and standardization the run started with
-        stage.latent_shift = state["stage"]["latent_shift"].to(device)
-        stage.latent_scale = state["stage"]["latent_scale"].to(device)
     fit(stage, batcher, cfg, run, total_epochs or cfg.diffusion_epochs, state)
     if dist.is_main():  # the finished run's sampling checkpoint (full state, EMA inside)
         final = run.path("conditional_diffusion_final.pt")

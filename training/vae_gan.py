@@ -158,9 +158,10 @@ class VAEGANStage:
 
     def pictures(self, epoch):
         from viz.figures import plot_losses, reconstruction_grid
-        for path in (self.run.picture(f"reconstructions_epoch{epoch:04d}.png"),
-                     self.run.path("vae_samples_grid_subset.png")):
-            reconstruction_grid(self.vae, self.val_images, self.val_labels, self.class_names, path)
+        import shutil
+        path = self.run.picture(f"reconstructions_epoch{epoch:04d}.png")
+        reconstruction_grid(self.vae, self.val_images, self.val_labels, self.class_names, path)
+        shutil.copyfile(path, self.run.path("vae_samples_grid_subset.png"))  # the latest, under S5's name
         plot_losses(self.run, self.kind, self.run.path("autoencoder_losses.png"))
 
     def state_dict(self):
