@@ -133,5 +133,13 @@ def main(argv=None):
     return 0
 
 
+def main_and_teardown(argv=None):
+    from training import distributed
+    try:
+        return main(argv)
+    finally:
+        distributed.teardown()
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(run_main(main_and_teardown))

@@ -80,6 +80,17 @@ def mean_across_ranks(value):
     return float(t.item()) / world_size()
 
 
+def any_across_ranks(flag):
+    """True on every rank if it is true on any (so all ranks stop at the same step)."""
+    if not torch_dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    if torch_dist.get_backend() == "nccl":
+        t = t.cuda()
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def gather_tensor(t):
     """Concatenate a tensor from every rank along dim 0 (same shape on every rank)."""
     if not torch_dist.is_initialized():

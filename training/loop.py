@@ -143,11 +143,15 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
                 bar.update(1)
                 if step % cfg.log_every == 0 and count:  # the only host sync for logging
                     bar.set_postfix({k: f"{float(v) / count:.4f}" for k, v in sums.items()})
-                if signals.caught:
+                # Under torchrun every rank must stop at the same step, or the others would wait in
+                # the next all-reduce: agree on the signal every log_every steps.
+                stop = signals.caught if not dist.enabled() else (
+                    step % cfg.log_every == 0 and dist.any_across_ranks(signals.caught))
+                if stop:
                     checkpoint(stage.last_name, batch_in_epoch=i + 1, sums=sums, count=count)
                     bar.close()
                     raise StopRequested(
-                        f"{signals.caught}: saved {run.path(stage.last_name)} at epoch {epoch + 1}, step {step}; "
+                        f"{signals.caught or 'SIGTERM'}: saved {run.path(stage.last_name)} at epoch {epoch + 1}, step {step}; "
                         f"resume with the same command plus --resume")
             bar.close()
             skip_batches = 0
