@@ -18,12 +18,15 @@ def offline():
 
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
+EXIT_WRITE_FAILED = 4
 
 
 def run_main(main, argv=None):
     """Run an entry point's main(argv): bad input -> one stderr line and exit status 2; a run
-    stopped by SIGINT/SIGTERM (checkpoint saved) -> 130/143; non-finite training -> 3."""
+    stopped by SIGINT/SIGTERM (checkpoint saved) -> 130/143; non-finite training -> 3; a
+    checkpoint that could not be written (full disk) -> 4."""
     import sys
+    from training.checkpoint import CheckpointWriteError
     from training.loop import NonFiniteError, StopRequested
     try:
         return main(argv) or 0
@@ -33,6 +36,9 @@ def run_main(main, argv=None):
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except CheckpointWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     except StopRequested as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 143 if str(e).startswith("SIGTERM") else 130

@@ -103,7 +103,7 @@ def _held_out(cfg, limit=None):
 def _centers(pipe):
     """The VAE's learned class centers, in the denoiser's standardized latent space."""
     from pipeline import load_vae_state
-    state, _ = load_vae_state(os.path.dirname(pipe.checkpoint_path))
+    state, _ = load_vae_state(os.path.dirname(pipe.checkpoint_path), pipe.cfg)  # refuse another run's VAE
     centers = state["stage"]["center_loss"]["centers"].to(pipe.device)
     shape = (len(centers),) + pipe.sample_shape
     return ((centers.view(shape) - pipe.latent_shift) / pipe.latent_scale).flatten(1).cpu().numpy()

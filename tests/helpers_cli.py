@@ -44,6 +44,8 @@ class Result:
     stdout: str
     stderr: str
     seconds: float
+    started: float = 0.0  # wall-clock time.time() at start and end
+    ended: float = 0.0
 
     @property
     def stderr_lines(self) -> list[str]:
@@ -58,7 +60,7 @@ class Result:
 def run_cli(script: str, *args, timeout: float = 180, env: dict | None = None) -> Result:
     """Run one entry point to completion; stdin is closed (CI has none)."""
     argv = command(script, *args)
-    start = time.monotonic()
+    start, started = time.monotonic(), time.time()
     try:
         proc = subprocess.run(argv, cwd=REPO, env=env or cli_env(), stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=timeout)
@@ -66,8 +68,8 @@ def run_cli(script: str, *args, timeout: float = 180, env: dict | None = None) -
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
         return Result(argv, -9, out, err + f"\n[test harness: timed out after {timeout}s]",
-                      time.monotonic() - start)
-    return Result(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start)
+                      time.monotonic() - start, started, time.time())
+    return Result(argv, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start, started, time.time())
 
 
 def run_many(calls: list[tuple], workers: int = 3, timeout: float = 180) -> list[Result]:
@@ -153,25 +155,34 @@ def one_torch_thread():
 
 
 def snapshot(folder) -> dict[str, tuple[int, int, str]]:
-    """relative path -> (size, mtime_ns, sha256) of every regular file under `folder`."""
+    """relative path -> (size, mtime_ns, sha256) of every regular file under `folder` (a file
+    that vanishes while the folder is walked is left out)."""
     folder = Path(folder)
     result = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            st = path.stat()
-            result[str(path.relative_to(folder))] = (st.st_size, st.st_mtime_ns,
-                                                     hashlib.sha256(path.read_bytes()).hexdigest())
+        try:
+            if path.is_file() and not path.is_symlink():
+                st = path.stat()
+                result[str(path.relative_to(folder))] = (st.st_size, st.st_mtime_ns,
+                                                         hashlib.sha256(path.read_bytes()).hexdigest())
+        except FileNotFoundError:
+            pass
     return result
 
 
 def snapshot_diff(before: dict, after: dict) -> list[str]:
     """Human-readable differences: files added, removed or changed (size, mtime or content)."""
-    changes = [f"added {p}" for p in sorted(set(after) - set(before))]
-    changes += [f"removed {p}" for p in sorted(set(before) - set(after))]
+    return [text for text, _ in snapshot_changes(before, after)]
+
+
+def snapshot_changes(before: dict, after: dict) -> list[tuple[str, float | None]]:
+    """(description, new mtime in seconds or None for a removed file) of every difference."""
+    changes = [(f"added {p}", after[p][1] / 1e9) for p in sorted(set(after) - set(before))]
+    changes += [(f"removed {p}", None) for p in sorted(set(before) - set(after))]
     for p in sorted(set(before) & set(after)):
         if before[p] != after[p]:
             what = [name for name, a, b in zip(("size", "mtime", "content"), before[p], after[p]) if a != b]
-            changes.append(f"changed {p} ({', '.join(what)})")
+            changes.append((f"changed {p} ({', '.join(what)})", after[p][1] / 1e9))
     return changes
 
 

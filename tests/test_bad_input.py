@@ -10,14 +10,15 @@ checks its own case.
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 import fixtures
-from helpers_cli import assert_one_line_error, one_torch_thread, run_cli, snapshot, snapshot_diff
+from helpers_cli import assert_one_line_error, one_torch_thread, run_cli, snapshot, snapshot_changes
 
 IMAGE_SIZE = 16  # tiny images: the runs below are only there to be pointed at
 TRAIN = ["--dataset", "folder", "--preset", "tiny", "--batch_size", "8", "--image_size", IMAGE_SIZE,
@@ -90,6 +91,8 @@ CASES = [
          "--class_name", "zebra", contains="unknown class"),
     case("vis_results_missing", "visualize.py", "--mode", "samples_grid", "--results_dir", "{missing}",
          contains="does not exist"),
+    case("vis_latent_space_other_vae", "visualize.py", "--mode", "latent_space", "--results_dir",
+         "{latent_other_vae}", contains="latent_channels"),
     case("vis_model_path_text", "visualize.py", "--mode", "samples_grid", "--model_path", "{text}",
          contains="not a readable checkpoint"),
 ]
@@ -116,6 +119,7 @@ class Paths:
         self.text.write_text("this is a text file, not a checkpoint\n")
         self.pixel = root / "pixel_run"
         self.latent = root / "latent_run"
+        self.latent_other_vae = root / "latent_run_other_vae"  # its VAE file from a run with other latents
         self.truncated = root / "truncated.pt"
 
     def format_dict(self):
@@ -132,6 +136,11 @@ def _train_runs(paths: Paths):
                       "--results_dir", str(paths.pixel)]) == 0
     data = (paths.pixel / "conditional_diffusion_final.pt").read_bytes()
     paths.truncated.write_bytes(data[: len(data) // 2])
+    paths.latent_other_vae.mkdir()
+    shutil.copy(paths.latent / "conditional_diffusion_final.pt", paths.latent_other_vae)
+    vae = torch.load(paths.latent / "vae_gan_best.pt", weights_only=True)
+    vae["config"]["latent_channels"] = 8
+    torch.save(vae, paths.latent_other_vae / "vae_gan_best.pt")
 
 
 class Battery:
@@ -152,9 +161,12 @@ class Battery:
     def result(self, case_id):
         return self.futures[case_id].result()
 
-    def changes(self) -> list[str]:
-        return [f"{name}: {change}" for name, folder in self.watched.items()
-                for change in snapshot_diff(self.before[name], snapshot(folder))]
+    def changes(self) -> list[tuple[str, float | None]]:
+        """Every change to a watched folder, once no case is running any more (no half-written
+        state is seen), as (description, mtime)."""
+        wait(self.futures.values())
+        return [(f"{name}: {change}", mtime) for name, folder in self.watched.items()
+                for change, mtime in snapshot_changes(self.before[name], snapshot(folder))]
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +193,14 @@ def test_bad_invocation(battery, case):
     result = battery.result(case.id)
     contains = case.contains.format(**battery.paths.format_dict())
     assert_one_line_error(result, status=2, contains=contains)
-    changes = battery.changes()
-    assert not changes, f"files of earlier runs changed (by this case or one running beside it): {changes}\n" \
-                        f"{result.describe()}"
+    # Files of the earlier runs written while this case ran (cases run side by side: the time
+    # window tells whose write it was; test_no_earlier_run_changed catches any change at all).
+    mine = [text for text, mtime in battery.changes() if mtime is not None and
+            result.started - 1 <= mtime <= result.ended + 1]
+    assert not mine, f"files of earlier runs changed while this case ran: {mine}\n{result.describe()}"
+
+
+def test_no_earlier_run_changed(battery):
+    """After every case: no file of the pre-trained runs or the data was added, removed or changed."""
+    changes = [text for text, _ in battery.changes()]
+    assert not changes, f"files of earlier runs changed: {changes}"

@@ -202,8 +202,8 @@ def test_rng_state_round_trip_restores_every_generator():
 
 
 def _training_started(proc):
-    err = proc.stderr
-    return f"{STAGE} 1/" in err or "resuming" in err or f"{STAGE} " in err
+    """The loop is running: its progress bar ("conditional_diffusion 3/40") or resume line is out."""
+    return f"{STAGE} " in proc.stderr
 
 
 def test_sigterm_saves_mid_epoch_and_resume_completes(data, tmp_path):
@@ -238,7 +238,9 @@ def test_sigkill_at_random_moments_then_resume_finishes(data, tmp_path):
     checkpoint: every checkpoint left by a kill loads, none goes back in time, at most one
     checkpoint interval of work is lost per kill, and the run ends with every epoch done, a
     loadable final checkpoint and no temporary files."""
-    kills, seed = 3, random.randrange(10 ** 6)
+    # Training reseeds the global generators, so the kill moments take their seed from the OS
+    # (RELIABILITY_SEED=<seed printed on failure> replays a run).
+    kills, seed = 3, int(os.environ.get("RELIABILITY_SEED") or random.SystemRandom().randrange(10 ** 6))
     rng = random.Random(seed)
     run_dir, logs = tmp_path / "sigkill", tmp_path / "logs"
     deadline = time.monotonic() + 240  # overall cap

@@ -9,6 +9,10 @@ import torch
 from errors import UserError
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, I/O error); the previous one is intact."""
+
+
 def save_checkpoint(state, path):
     """Write to a temporary file, flush and fsync, then rename over the old checkpoint: a crash
     or a full disk at any moment leaves the previous checkpoint intact."""
@@ -20,6 +24,10 @@ def save_checkpoint(state, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        previous = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise CheckpointWriteError(f"could not write {path} ({reason}); {previous}") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
