@@ -1,5 +1,6 @@
 """Fast checks of the evaluation primitives on synthetic fixtures (CPU, no downloads)."""
 
+import contextlib
 import urllib.error
 
 import numpy as np
@@ -175,8 +176,13 @@ def test_fid_inception_random_weights_give_2048_features(offline_empty_hub):
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
 
 
-def test_fid_inception_without_weights_raises_user_error_naming_the_file(offline_empty_hub):
-    with pytest.warns(UserWarning, match="download"), pytest.raises(UserError) as error:
+@pytest.mark.parametrize("suite_offline", ["0", "1"])
+def test_fid_inception_without_weights_raises_user_error_naming_the_file(offline_empty_hub, monkeypatch,
+                                                                         suite_offline):
+    # Online mode tries the (here refused) download and warns; SUITE_OFFLINE=1 never tries.
+    monkeypatch.setenv("SUITE_OFFLINE", suite_offline)
+    expect = pytest.warns(UserWarning, match="download") if suite_offline == "0" else contextlib.nullcontext()
+    with expect, pytest.raises(UserError) as error:
         inception.load_fid_inception(None, "cpu")
     message = str(error.value)
     assert "pt_inception-2015-12-05-6726825d.pth" in message and "--inception_weights" in message
