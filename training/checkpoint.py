@@ -2,6 +2,7 @@
 weights_only=True so a file from a stranger cannot run code."""
 import glob
 import os
+import shutil
 import pickle
 
 import torch
@@ -45,6 +46,22 @@ def save_checkpoint(state, path):
             os.close(fd)
     except OSError:
         pass
+
+
+def copy_checkpoint(source, path):
+    """An atomic, durable copy (the finished run's sampling checkpoint)."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(source, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointWriteError(f"could not write {path} ({e.strerror or e})") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path, what="checkpoint"):

@@ -126,7 +126,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
                 losses = stage.train_step(x, y, epoch + i / len(batcher))
                 if losses is None:  # non-finite loss or gradient: the stage skipped the update
                     bad_in_a_row += 1
-                    run.log(stage.kind, epoch, step, {"skipped_step": 1.0})
+                    run.log(stage.kind, epoch + 1, step, {"skipped_step": 1.0})  # epochs are 1-based in metrics.csv
                     if bad_in_a_row >= cfg.max_bad_steps:
                         last = run.path(stage.last_name)
                         kept = (f"the last good checkpoint is {last}" if os.path.isfile(last)

@@ -1,7 +1,6 @@
 """What `main.py` runs: each stage's data, model and loop, with resume and final files."""
 import json
 import os
-import shutil
 import sys
 
 import torch
@@ -11,7 +10,7 @@ from data import load_dataset
 from data.batcher import DeviceBatcher
 from errors import UserError
 from training import distributed as dist
-from training.checkpoint import check_compatible, load_checkpoint
+from training.checkpoint import check_compatible, copy_checkpoint, load_checkpoint
 from training.loop import fit, rng_state, seed_everything, select_device
 from training.run import Run
 
@@ -157,8 +156,6 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
                               val.labels, run)
     fit(stage, batcher, cfg, run, total_epochs or cfg.diffusion_epochs, state)
     if dist.is_main():  # the finished run's sampling checkpoint (full state, EMA inside)
-        final = run.path("conditional_diffusion_final.pt")
-        shutil.copyfile(run.path(stage.last_name), final + ".tmp")
-        os.replace(final + ".tmp", final)
+        copy_checkpoint(run.path(stage.last_name), run.path("conditional_diffusion_final.pt"))
     dist.barrier()
     return run
