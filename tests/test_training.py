@@ -101,3 +101,19 @@ def test_adaptive_loss_runs_without_host_sync_and_keeps_state():
         loss_fn(lambda x, t, y: net(x), torch.randn(8, 2, 4, 4), None).backward()
     state = loss_fn.adaptive.state_dict()
     assert state["mean_sq"].shape == (20,) and not torch.allclose(state["mean_sq"], torch.ones(20))
+
+
+def test_ema_warms_up_then_uses_the_configured_decay():
+    from training.optim import make_ema
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = make_ema(model, 0.999)
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update_parameters(model)  # n = 1: decay (1 + 1) / (10 + 1)
+    assert ema.module.weight.item() == pytest.approx(1 - 2 / 11)
+    for _ in range(5000):
+        ema.update_parameters(model)
+    assert ema.module.weight.item() == pytest.approx(1.0, abs=1e-3)  # the start is forgotten
