@@ -293,9 +293,3 @@ def save_config(cfg, path):
         json.dump(cfg.to_dict(), f, indent=2)
     os.replace(tmp, path)
 
-
-def positive_int(name, value):
-    if value is not None and value <= 0:
-        raise UserError(f"{name} must be a positive number, got {value}")
-    return value
-

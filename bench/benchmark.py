@@ -15,9 +15,7 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +30,7 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from config import DENOISERS, build_config  # noqa: E402
+from training.run import device_name, git_commit  # noqa: E402
 from models import build_denoiser, build_vae  # noqa: E402
 from training import denoiser as denoiser_module  # noqa: E402
 from training.loop import seed_everything, select_device  # noqa: E402
@@ -308,27 +307,6 @@ def measure_sampling(stage, cfg, device, s):
 
 
 # --- run and report ---------------------------------------------------------------------------
-
-def git_commit():
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    try:
-        return git("rev-parse", "--short", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
-    except OSError:
-        return None, None
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, threads={torch.get_num_threads()}" if device.type == "cpu" else device.type
-
 
 def models_to_run(names, notes):
     names = list(names)

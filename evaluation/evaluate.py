@@ -3,7 +3,6 @@ accuracy, Frechet distance and KID in its features, memorization), the standard 
 FID/KID when its weights are available, and the diffusion classifier."""
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -13,6 +12,7 @@ from data import load_dataset, to_uint8
 from errors import UserError
 from evaluation.metrics import extract_features, frechet_distance, kernel_inception_distance, per_class_accuracy
 from training.checkpoint import check_compatible, load_checkpoint
+from training.run import device_name, git_commit
 
 
 def real_split(cfg, split, limit=None):
@@ -96,15 +96,6 @@ def inception_metrics(cfg, images_uint8, weights_path, device, cache_dir):
     return fid_kid(real_feats, features(images_uint8), real_stats=(mu, sigma))
 
 
-def git_commit():
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def evaluate_run(pipe, run_dir, args, seed):
     """generate.py --evaluate: sample N images (balanced over classes), compute every metric,
     write eval.json and print a table."""
@@ -120,7 +111,7 @@ def evaluate_run(pipe, run_dir, args, seed):
     result = {"num_samples": n, "seed": seed, "sampler": cfg.sampler, "steps": cfg.steps,
               "guidance_scale": cfg.guidance_scale, "guidance_schedule": cfg.guidance_schedule,
               "checkpoint": pipe.checkpoint_path, "classifier": classifier.checkpoint_path,
-              "dataset": cfg.dataset, "device": device_name(device), "commit": git_commit(),
+              "dataset": cfg.dataset, "device": device_name(device), "commit": git_commit()[0],
               "sampling_seconds": sampling_seconds, "class_names": pipe.class_names}
     result.update(offline(images, labels))
     from evaluation.memorization import save_closest_pairs
@@ -176,12 +167,6 @@ def classify_run(pipe, run_dir, args, seed):
         print(f"  {name:>24s}: {acc:.4f}")
     print(path)
     return result
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
 
 
 def print_table(result):

@@ -2,6 +2,10 @@
 checkpoints and pictures/."""
 import csv
 import os
+import platform
+import subprocess
+
+import torch
 
 from config import save_config
 from errors import UserError
@@ -49,3 +53,29 @@ class Run:
             return []
         with open(path) as f:
             return list(csv.DictReader(f))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_commit():
+    """(short commit, whether tracked files differ from it) of this checkout; (None, None) outside git."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def device_name(device):
+    """A readable name of the device figures were measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, threads={torch.get_num_threads()}" if device.type == "cpu" else device.type
