@@ -38,9 +38,12 @@ class Config:
     vae_epochs: int = 1200
     vae_batch_size: int = 128
     vae_lr: float = 2e-4
+    vae_grad_clip: float = 1.0            # 0: off
+    vae_minutes: float | None = None      # wall-clock budget of the stage (None: epochs only)
     vae_base_channels: int = 64
     vae_channel_mults: tuple = (1, 2, 2)
     vae_res_blocks: int = 1
+    vae_block_attention: bool = True      # channel + spatial attention in every VAE block (the seeds')
     latent_channels: int = 4
     kl_weight: float = 1e-6
     kl_start_epoch: int = 0               # stage schedule: each weight ramps linearly from 0 at its
@@ -84,6 +87,7 @@ class Config:
     timestep_sampling: str = "uniform"    # uniform | adaptive (importance sampling by loss)
     # --- denoiser training ---
     diffusion_epochs: int = 800
+    diffusion_minutes: float | None = None
     batch_size: int = 128
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -134,16 +138,21 @@ PRESETS = {
                  kl_start_epoch=0, kl_warmup_epochs=1, class_loss_start_epoch=0, class_loss_ramp_epochs=1,
                  adv_start_epoch=1, adv_ramp_epochs=1, ema_decay=0.9,
                  classifier_width=8, classifier_batch_size=32, classifier_epochs=2, eval_samples=32),
-    # A budget run on a few CPU cores: narrower networks, 8 latent channels (sharper
-    # reconstructions for the same cost), bf16 autocast (CPUs with avx512_bf16 run it faster).
-    "cpu": dict(vae_base_channels=32, latent_channels=8, base_channels=64, amp="bf16", perceptual_weight=0.0,
-                vae_lr=1e-3,  # measured: +0.7 dB held-out PSNR after 2 epochs over 2e-4 (BENCHMARKS.md)
-                kl_start_epoch=0, kl_warmup_epochs=2, class_loss_start_epoch=0, adv_start_epoch=3, adv_ramp_epochs=1,
-                picture_every=1, log_every=20,
-                warmup_steps=200, vae_epochs=6, diffusion_epochs=40),
-    # The S1 seed's settings: 1000-step linear schedule, epsilon prediction, ancestral sampling.
+    # A budget run on a few CPU cores (measured in BENCHMARKS.md): 8 latent channels, bf16 autocast
+    # (CPUs with avx512_bf16 run it faster), a VAE with attention only at its bottleneck, batch 64,
+    # lr 1e-3 and no gradient clip (each a measured gain in PSNR per minute), no discriminator (a
+    # few minutes are better spent on reconstruction), and a deeper latent UNet with attention at
+    # 4x4 and 2x2 only (8x8 attention cost a third of each step).
+    "cpu": dict(vae_base_channels=32, latent_channels=8, amp="bf16", perceptual_weight=0.0,
+                vae_block_attention=False, vae_batch_size=64, vae_lr=1e-3, vae_grad_clip=0.0, adv_weight=0.0,
+                kl_start_epoch=0, kl_warmup_epochs=2, class_loss_start_epoch=0,
+                base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(4, 2), lr=5e-4,
+                picture_every=1, log_every=20, warmup_steps=200, vae_epochs=100, diffusion_epochs=1000,
+                vae_minutes=4, diffusion_minutes=16, sampler="dpmpp", steps=20),
+    # The S1 seed's settings: 1000-step linear schedule, epsilon prediction, ancestral sampling,
+    # no EMA, no classifier-free guidance (no label dropout, scale 1).
     "s1": dict(schedule="linear", prediction="eps", sampler="ddpm", steps=1000, guidance_scale=1.0,
-               vae_epochs=1200, diffusion_epochs=800),
+               ema_decay=0.0, label_dropout=0.0, vae_epochs=1200, diffusion_epochs=800),
     # The S4 seed's pixel DDPM: beta 1e-4..0.02, 1000 steps, lr 3e-4, wd 0, batch 200, time dim 1024.
     "s4": dict(model="unet", schedule="linear", beta_start=1e-4, beta_end=0.02, timesteps=1000,
                prediction="eps", lr=3e-4, weight_decay=0.0, batch_size=200, time_embed_dim=1024,
@@ -251,7 +260,7 @@ RUNTIME_FIELDS = {"results_dir", "data_root", "device", "seed", "download", "amp
                   "guidance_schedule", "vae_epochs", "diffusion_epochs", "batch_size", "vae_batch_size",
                   "lr", "vae_lr", "subset", "max_bad_steps", "vgg_weights", "perceptual_weight",
                   "eval_every", "eval_samples", "classifier_path", "classifier_epochs", "classifier_lr",
-                  "classifier_batch_size", "patience"}
+                  "classifier_batch_size", "patience", "vae_minutes", "diffusion_minutes", "vae_grad_clip"}
 
 
 def validate(cfg):
@@ -267,6 +276,9 @@ def validate(cfg):
         (0 <= cfg.guidance_scale <= 50, f"--guidance_scale must be between 0 and 50, got {cfg.guidance_scale}"),
         (cfg.batch_size > 0 and cfg.vae_batch_size > 0, "--batch_size must be positive"),
         (cfg.lr > 0 and cfg.vae_lr > 0, "--lr must be positive"),
+        (all(m is None or m > 0 for m in (cfg.vae_minutes, cfg.diffusion_minutes)),
+         "--minutes, --vae_minutes and --diffusion_minutes must be positive"),
+        (cfg.vae_grad_clip >= 0, "--vae_grad_clip must not be negative (0: off)"),
         (cfg.vae_epochs >= 0 and cfg.diffusion_epochs >= 0, "epochs must not be negative"),
         (cfg.subset is None or cfg.subset > 0, f"--subset must be positive, got {cfg.subset}"),
         (cfg.image_size is None or cfg.image_size >= 8, f"--image_size must be at least 8, got {cfg.image_size}"),

@@ -1,4 +1,5 @@
 """Train a stage: `python main.py --train_vae | --train_diffusion | --train_all | --train_classifier`."""
+import argparse
 import sys
 
 from config import ArgumentParser, add_common_args, add_sampling_args, build_config
@@ -16,6 +17,10 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, help="epochs of the stage being trained")
     p.add_argument("--vae_epochs", type=int, help="VAE-GAN epochs (with --train_all)")
     p.add_argument("--diffusion_epochs", type=int, help="denoiser epochs (with --train_all)")
+    p.add_argument("--minutes", type=float, help="wall-clock budget of the stage being trained: it stops at the "
+                                                 "last epoch boundary that fits (--epochs stays the cap)")
+    p.add_argument("--vae_minutes", type=float, help="VAE-GAN budget in minutes (with --train_all)")
+    p.add_argument("--diffusion_minutes", type=float, help="denoiser budget in minutes (with --train_all)")
     p.add_argument("--lr", type=float, help="learning rate of the stage(s) being trained")
     p.add_argument("--resume", action="store_true", help="continue the run in --results_dir from its last checkpoint")
     p.add_argument("--checkpoint_path", help="continue from this checkpoint (with --total_epochs)")
@@ -24,8 +29,12 @@ def parse_args(argv=None):
     add_sampling_args(p)
     g = p.add_argument_group("VAE-GAN")
     g.add_argument("--latent_channels", type=int)
+    g.add_argument("--vae_block_attention", action=argparse.BooleanOptionalAction,
+                   help="channel + spatial attention in every VAE block (--no-vae_block_attention: only the "
+                        "bottleneck self-attention, faster)")
     g.add_argument("--perceptual_weight", type=float, help="VGG16 perceptual loss weight (0: no VGG needed)")
     g.add_argument("--vgg_weights", help="path to torchvision's vgg16-397923af.pth")
+    g.add_argument("--vae_grad_clip", type=float, help="VAE gradient-norm clip (0: off; default 1)")
     g.add_argument("--kl_weight", type=float)
     g.add_argument("--kl_start_epoch", type=int, help="stage schedule: each loss weight ramps linearly from 0 "
                                                       "at its start epoch to full over its ramp epochs")
@@ -84,6 +93,14 @@ def stage_overrides(args):
             args.diffusion_epochs = args.epochs
         elif args.train_all:
             raise UserError("with --train_all, use --vae_epochs and --diffusion_epochs")
+    if args.minutes is not None:
+        if args.train_vae:
+            args.vae_minutes = args.minutes
+        elif args.train_diffusion:
+            args.diffusion_minutes = args.minutes
+        else:
+            raise UserError("--minutes budgets --train_vae or --train_diffusion; with --train_all use --vae_minutes "
+                            "and --diffusion_minutes")
     if args.lr is not None and (args.train_vae or args.train_all):
         args.vae_lr = args.lr
     if args.batch_size is not None and (args.train_vae or args.train_all):

@@ -5,7 +5,7 @@ from models.vae import AttentionVAE, PatchDiscriminator, VGG16Features
 
 def build_vae(cfg, num_classes, image_size):
     return AttentionVAE(3, image_size, num_classes, cfg.vae_base_channels, tuple(cfg.vae_channel_mults),
-                        cfg.vae_res_blocks, cfg.latent_channels)
+                        cfg.vae_res_blocks, cfg.latent_channels, block_attention=cfg.vae_block_attention)
 
 
 def build_discriminator(cfg):

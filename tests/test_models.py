@@ -41,6 +41,16 @@ def test_vae_has_a_spatial_latent_and_decodes_back(size, mults):
     assert vae.classify(mean).shape == (2, 3)
 
 
+def test_vae_block_attention_off_keeps_only_the_bottleneck_attention():
+    from models.blocks import ChannelAttention, SpatialAttention
+    count = lambda m, kind: sum(isinstance(x, kind) for x in m.modules())  # noqa: E731
+    full, light = build_vae(tiny_cfg(), 2, 32), build_vae(tiny_cfg(vae_block_attention=False), 2, 32)
+    assert count(full, ChannelAttention) > 0 and count(full, SpatialAttention) > 0
+    assert count(light, ChannelAttention) == 0 and count(light, SpatialAttention) == 0
+    assert count(light, SelfAttention2d) == count(full, SelfAttention2d) == 2  # encoder and decoder
+    assert light(torch.randn(2, 3, 32, 32))[0].shape == (2, 3, 32, 32)
+
+
 @pytest.mark.parametrize("model", ["latent_unet", "unet", "attn_unet"])
 def test_denoisers_keep_shape_and_use_the_label(model):
     cfg = tiny_cfg(model=model, attention_resolutions=(16, 8) if model == "attn_unet" else

@@ -54,6 +54,44 @@ def test_early_stopping_stops_when_the_held_out_loss_stops_improving(tmp_path):
     assert (tmp_path / "stub_last.pt").exists() and (tmp_path / "stub_best.pt").exists()
 
 
+class FakeClock:
+    """Stands in for the time module inside the loop: each training step takes 10 s."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+
+def test_minutes_budget_stops_at_the_last_epoch_that_fits_and_counts_across_resumes(tmp_path, monkeypatch):
+    import training.loop as loop
+    from training.checkpoint import load_checkpoint
+    clock = FakeClock()
+    monkeypatch.setattr(loop, "time", clock)
+
+    class TimedStage(StubStage):
+        def train_step(self, x, y, epoch):
+            clock.now += 10.0
+            return super().train_step(x, y, epoch)
+
+    cfg = Config(patience=0, picture_every=100)
+    stage = TimedStage([1.0] * 20)
+    fit(stage, OneBatch(), cfg, Run(str(tmp_path)), total_epochs=20, max_minutes=1.0)
+    # 10 s epochs: after epoch 6 (60 s) a seventh would end past 60 s
+    state = load_checkpoint(str(tmp_path / "stub_last.pt"))
+    assert stage.validated == 6 and state["epoch"] == 6 and state["train_seconds"] == pytest.approx(60.0)
+    again = TimedStage([1.0] * 20)  # the same budget again: the time is spent, nothing more trains
+    fit(again, OneBatch(), cfg, Run(str(tmp_path)), total_epochs=20, resume_state=state, max_minutes=1.0)
+    assert again.validated == 0
+    more = TimedStage([1.0] * 20)  # a larger budget continues from the time already used
+    fit(more, OneBatch(), cfg, Run(str(tmp_path)), total_epochs=20, resume_state=state, max_minutes=1.5)
+    assert more.validated == 3 and load_checkpoint(str(tmp_path / "stub_last.pt"))["epoch"] == 9
+    capped = TimedStage([1.0] * 20)  # --epochs stays the cap
+    fit(capped, OneBatch(), cfg, Run(str(tmp_path / "capped")), total_epochs=2, max_minutes=10.0)
+    assert capped.validated == 2
+
+
 def test_patience_zero_never_stops(tmp_path):
     stage = StubStage([1.0, 2.0, 3.0, 4.0])
     fit(stage, OneBatch(), Config(patience=0, picture_every=100), Run(str(tmp_path)), total_epochs=4)

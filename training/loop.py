@@ -83,16 +83,18 @@ class _SignalCatcher:
             signal.signal(s, handler)
 
 
-def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
-    """Train `stage` until `total_epochs` epochs are done. `stage` provides kind, train_step,
+def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minutes=None):
+    """Train `stage` until `total_epochs` epochs are done, or until the next epoch would overrun
+    `max_minutes` of training time (counted across resumes). `stage` provides kind, train_step,
     validate, pictures, state_dict/load_state_dict, best_metric ("name", "min"|"max")."""
-    epoch, step, skip_batches, best, since_best = 0, 0, 0, None, 0
+    epoch, step, skip_batches, best, since_best, seconds = 0, 0, 0, None, 0, 0.0
     partial = ({}, 0)  # loss sums and count of the batches of a stopped epoch done before the stop
     if resume_state is not None:
         stage.load_state_dict(resume_state["stage"])
         epoch, step = resume_state["epoch"], resume_state["step"]
         skip_batches, best = resume_state.get("batch_in_epoch", 0), resume_state.get("best")
         since_best = resume_state.get("epochs_since_best", 0)
+        seconds = resume_state.get("train_seconds", 0.0)
         partial = (dict(resume_state.get("epoch_sums", {})), resume_state.get("epoch_count", 0))
         set_rng_state(resume_state["rng"])
         if dist.is_main():
@@ -105,6 +107,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
             return
         state = {"kind": stage.kind, "config": cfg.to_dict(), "epoch": epoch if done_epochs is None else done_epochs,
                  "step": step, "batch_in_epoch": batch_in_epoch, "best": best, "epochs_since_best": since_best,
+                 "train_seconds": seconds + time.time() - t0,
                  "rng": rng_state(), "stage": stage.state_dict()}
         if batch_in_epoch:  # mid-epoch: the epoch's loss so far, so its logged mean covers every batch
             state.update(epoch_sums={k: float(v) for k, v in (sums or {}).items()}, epoch_count=count)
@@ -112,8 +115,10 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
 
     run.save_config(cfg)  # only now: a run refused before this point leaves an earlier config.json alone
 
+    budget = None if max_minutes is None else 60.0 * max_minutes
+    t0 = time.time()
     with _SignalCatcher() as signals:
-        while epoch < total_epochs:
+        while epoch < total_epochs and (budget is None or seconds < budget):
             sums, count, t0 = {}, 0, time.time()
             if skip_batches:
                 sums, count = partial
@@ -159,6 +164,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
             row = {k: dist.mean_across_ranks(float(v) / max(count, 1)) for k, v in sums.items()}
             row.update(stage.validate(epoch))
             row["epoch_seconds"] = time.time() - t0
+            seconds, t0 = seconds + row["epoch_seconds"], time.time()
             run.log(stage.kind, epoch, step, row)
             if dist.is_main():
                 summary = " ".join(f"{k}={v:.4g}" for k, v in row.items())
@@ -174,6 +180,13 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None):
             if stop_early and dist.is_main():
                 tqdm.write(f"[{stage.kind}] early stop at epoch {epoch}: {metric_name} has not improved for "
                            f"{since_best} evaluations (best {best:.4g}, --patience {cfg.patience})")
+            # The budget: stop now if one more epoch like this one would overrun it (all ranks agree).
+            out_of_time = budget is not None and epoch < total_epochs and seconds + row["epoch_seconds"] > budget
+            out_of_time = dist.any_across_ranks(out_of_time)
+            if out_of_time and dist.is_main():
+                tqdm.write(f"[{stage.kind}] stopping at epoch {epoch}: another epoch would pass the "
+                           f"{max_minutes:g}-minute budget ({seconds / 60:.1f} min used)")
+            stop_early = stop_early or out_of_time
             if epoch % cfg.checkpoint_every == 0 or epoch == total_epochs or stop_early:
                 checkpoint(stage.last_name)
             if dist.is_main() and (epoch % cfg.picture_every == 0 or epoch == total_epochs or stop_early):

@@ -97,7 +97,7 @@ def train_vae(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     stage = VAEGANStage(cfg, len(train.class_names), cfg.image_size, device, val, run, train.class_names)
     batcher = DeviceBatcher(train.images, train.labels, dist.per_rank_batch_size(cfg.vae_batch_size), device,
                             flip=True, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size())
-    fit(stage, batcher, cfg, run, total_epochs or cfg.vae_epochs, state)
+    fit(stage, batcher, cfg, run, total_epochs or cfg.vae_epochs, state, max_minutes=cfg.vae_minutes)
     return run
 
 
@@ -154,7 +154,7 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
                                 rank=dist.rank(), world_size=dist.world_size())
         stage = DenoiserStage(cfg, train.class_names, train.images.shape[1:], device, to_float(val.images),
                               val.labels, run)
-    fit(stage, batcher, cfg, run, total_epochs or cfg.diffusion_epochs, state)
+    fit(stage, batcher, cfg, run, total_epochs or cfg.diffusion_epochs, state, max_minutes=cfg.diffusion_minutes)
     if dist.is_main():  # the finished run's sampling checkpoint (full state, EMA inside)
         copy_checkpoint(run.path(stage.last_name), run.path("conditional_diffusion_final.pt"))
     dist.barrier()

@@ -125,13 +125,13 @@ class VAEGANStage:
             if w["adversarial"] > 0:  # non-saturating GAN loss on the PatchGAN's logits
                 losses["adversarial"] = F.softplus(-self.disc_ddp(recon).float()).mean()
             total = sum(w[k] * v for k, v in losses.items())
-        if not grads_finite_step(total, self.gen_params, self.opt_g, cfg.grad_clip):
+        if not grads_finite_step(total, self.gen_params, self.opt_g, cfg.vae_grad_clip):
             return None
         if w["adversarial"] > 0:
             with autocast(self.device, cfg.amp):
                 d_loss = (F.softplus(-self.disc_ddp(x).float()).mean()
                           + F.softplus(self.disc_ddp(recon.detach()).float()).mean())
-            if not grads_finite_step(d_loss, list(self.disc.parameters()), self.opt_d, cfg.grad_clip):
+            if not grads_finite_step(d_loss, list(self.disc.parameters()), self.opt_d, cfg.vae_grad_clip):
                 return None
             losses["discriminator"] = d_loss
         losses["total"] = total

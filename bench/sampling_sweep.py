@@ -1,0 +1,70 @@
+"""Sampling settings of one trained run, side by side: the offline metrics (sample accuracy, Frechet
+distance and KID in the real-data classifier's features) for every sampler:steps and guidance scale
+asked for, on the same labels and seeds, with the real features computed once.
+
+    python bench/sampling_sweep.py --results_dir RUN --samplers dpmpp:20,ddim:50 --guidance 1,2,3 \
+        --num_samples 2000 --out bench/results/NAME.json
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data import to_uint8  # noqa: E402
+from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier  # noqa: E402
+from pipeline import load_pipeline  # noqa: E402
+from training.run import device_name, git_commit  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results_dir", required=True)
+    p.add_argument("--samplers", default="dpmpp:20", help="comma-separated sampler:steps")
+    p.add_argument("--guidance", default="2", help="comma-separated guidance scales")
+    p.add_argument("--num_samples", type=int, default=2000)
+    p.add_argument("--batch_size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classifier_path")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="JSON file (default <results_dir>/sampling_sweep.json)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    pipe = load_pipeline(args.results_dir, device=device)
+    offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
+                             pipe.num_classes)
+    labels = balanced_labels(args.num_samples, pipe.num_classes)
+    rows = []
+    for spec in args.samplers.split(","):
+        sampler, steps = spec.split(":")
+        for scale in (float(g) for g in args.guidance.split(",")):
+            t0 = time.time()
+            images = to_uint8(pipe.sample_batched(labels, batch_size=args.batch_size, seed=args.seed,
+                                                  sampler=sampler, steps=int(steps), guidance_scale=scale))
+            seconds = time.time() - t0
+            metrics = offline(images, labels, memorization=False)
+            rows.append({"sampler": sampler, "steps": int(steps), "guidance_scale": scale,
+                         "sampling_seconds": seconds, **metrics})
+            print(f"{sampler:>6s} {steps:>4s} steps  guidance {scale:<4g}  accuracy {metrics['sample_accuracy']:.3f} "
+                  f"(ratio {metrics['accuracy_ratio']:.3f}, per class "
+                  f"{', '.join(f'{a:.3f}' for a in metrics['sample_accuracy_per_class'])})  "
+                  f"FD {metrics['classifier_fd']:.3f}  KID {metrics['classifier_kid']:.4f}  {seconds:.0f} s", flush=True)
+    report = {"run": os.path.basename(os.path.normpath(args.results_dir)), "num_samples": args.num_samples,
+              "seed": args.seed, "device": device_name(device), "commit": git_commit()[0],
+              "class_names": pipe.class_names, "rows": rows}
+    out = args.out or os.path.join(args.results_dir, "sampling_sweep.json")
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
