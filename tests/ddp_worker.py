@@ -72,9 +72,9 @@ def main_worker(marker_dir, flags):
     calls = []  # (stage, batcher, resume_state) of each fit call
     real_fit = runner.fit
 
-    def fit_and_keep(stage, batcher, cfg, run, total_epochs, resume_state=None):
+    def fit_and_keep(stage, batcher, cfg, run, total_epochs, resume_state=None, **kwargs):
         calls.append((stage, batcher, resume_state))
-        return real_fit(stage, batcher, cfg, run, total_epochs, resume_state)
+        return real_fit(stage, batcher, cfg, run, total_epochs, resume_state, **kwargs)
 
     passed = []
     with mock.patch.object(runner, "fit", fit_and_keep):

@@ -1,0 +1,89 @@
+"""A quick screen of VAE training settings at a fixed wall-clock budget: trains the suite's
+AttentionVAE on L1 (+ the tiny KL, optional latent classifier loss) for `--seconds` and prints the
+held-out PSNR of the posterior mean's reconstruction. Cheaper than a full `main.py --train_vae`
+run (no discriminator, no checkpoints, no pictures), for ranking settings before a real run.
+
+    python bench/vae_screen.py --data_root ../shared/data/cifar10-catdog --seconds 75 --batch_size 64 --grad_clip 0
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data import load_dataset, to_float  # noqa: E402
+from data.batcher import DeviceBatcher  # noqa: E402
+from models.vae import AttentionVAE  # noqa: E402
+from training.vae_gan import kl_divergence  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="folder")
+    p.add_argument("--data_root", required=True)
+    p.add_argument("--seconds", type=float, default=75)
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--betas", default="0.5,0.9")
+    p.add_argument("--grad_clip", type=float, default=0.0, help="0: off")
+    p.add_argument("--base_channels", type=int, default=32)
+    p.add_argument("--channel_mults", default="1,2,2")
+    p.add_argument("--latent_channels", type=int, default=8)
+    p.add_argument("--block_attention", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--deterministic", action="store_true", help="decode the posterior mean, not a sample")
+    p.add_argument("--mse", action="store_true", help="add an MSE term to the L1 loss")
+    p.add_argument("--classifier_weight", type=float, default=0.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    train = load_dataset(args.dataset, args.data_root, "train", image_size=32, val_fraction=0.1)
+    val = load_dataset(args.dataset, args.data_root, "val", image_size=32, val_fraction=0.1)
+    vae = AttentionVAE(base_channels=args.base_channels, channel_mults=tuple(int(m) for m in args.channel_mults.split(",")),
+                       latent_channels=args.latent_channels, num_classes=len(train.class_names),
+                       block_attention=args.block_attention)
+    opt = torch.optim.AdamW(vae.parameters(), args.lr, betas=tuple(float(b) for b in args.betas.split(",")),
+                            weight_decay=0.0)
+    batcher = DeviceBatcher(train.images, train.labels, args.batch_size, torch.device("cpu"), flip=True, seed=args.seed)
+    start, step, epoch = time.time(), 0, 0
+    while time.time() - start < args.seconds:
+        for x, y in batcher.epoch(epoch):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                mean, logvar = vae.encode(x)
+                z = mean if args.deterministic else mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+                recon = vae.decode(z).float()
+                loss = (recon - x).abs().mean() + 1e-6 * kl_divergence(mean.float(), logvar.float())
+                if args.mse:
+                    loss = loss + (recon - x).pow(2).mean()
+                if args.classifier_weight:
+                    loss = loss + args.classifier_weight * F.cross_entropy(vae.classify(mean).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), args.grad_clip)
+            opt.step()
+            step += 1
+            if time.time() - start >= args.seconds:
+                break
+        epoch += 1
+    vae.eval()
+    with torch.no_grad():
+        x = to_float(val.images[:1000])
+        recon = vae(x, sample=False)[0].clamp(-1, 1)
+        psnr = (-10 * torch.log10(((recon - x) / 2).pow(2).flatten(1).mean(1))).mean()
+    params = sum(p.numel() for p in vae.parameters()) / 1e6
+    print(f"{params:.2f}M parameters, {step} steps of {args.batch_size} in {time.time() - start:.0f} s: "
+          f"held-out PSNR {psnr:.2f} dB")
+
+
+if __name__ == "__main__":
+    main()
