@@ -28,6 +28,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import Config, validate  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
 from data import load_dataset, to_uint8  # noqa: E402
 from data.batcher import DeviceBatcher  # noqa: E402
 from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier  # noqa: E402
@@ -97,7 +98,7 @@ def train(args, model, batcher, scheduler, device):
             loss = F.mse_loss(model(noisy, t, class_labels=y).sample.float(), noise.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # accelerate's max_grad_norm default
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the example clips
             opt.step()
             ema.step(model.parameters())
             step += 1
@@ -131,12 +132,14 @@ def sample(args, model, train_scheduler, labels, image_size, device, batch=250):
 
 
 def main(argv=None):
-    from diffusers import DDPMScheduler
-    import diffusers
     args = parse_args(argv)
+    try:
+        import diffusers
+        from diffusers import DDPMScheduler
+    except ImportError:
+        raise UserError("diffusers is not installed: `pip install diffusers` (only this contender needs it)") from None
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    os.makedirs(args.out, exist_ok=True)
     cfg = validate(Config(dataset=args.dataset, data_root=args.data_root, results_dir=args.out, seed=args.seed))
     train_set = load_dataset(cfg.dataset, cfg.data_root, "train", cfg.image_size, val_fraction=cfg.val_fraction)
     num_classes = len(train_set.class_names)
@@ -156,6 +159,7 @@ def main(argv=None):
               "num_samples": args.num_samples, "sampling_seconds": sampling_seconds, "class_names": train_set.class_names,
               **log}
     result.update(OfflineMetrics(classifier, cfg, device, num_classes)(images, labels))
+    os.makedirs(args.out, exist_ok=True)
     per_class = torch.stack([images[labels == c][:8] for c in range(num_classes)]).flatten(0, 1)
     save_grid(per_class, os.path.join(args.out, "samples_grid.png"), nrow=8)
     with open(os.path.join(args.out, "eval.json"), "w") as f:
@@ -165,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
 from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier  # noqa: E402
 from pipeline import load_pipeline  # noqa: E402
@@ -35,25 +36,36 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def sampler_specs(text):
+    """'dpmpp:20,ddim:50' -> [("dpmpp", 20), ("ddim", 50)]; anything else is bad input."""
+    specs = []
+    for spec in text.split(","):
+        sampler, _, steps = spec.partition(":")
+        if sampler not in ("ddpm", "ddim", "dpmpp") or not steps.isdigit() or int(steps) < 1:
+            raise UserError(f"--samplers: {spec!r} is not sampler:steps with sampler ddpm, ddim or dpmpp")
+        specs.append((sampler, int(steps)))
+    return specs
+
+
 def main(argv=None):
     args = parse_args(argv)
+    specs = sampler_specs(args.samplers)
     device = torch.device(args.device)
     pipe = load_pipeline(args.results_dir, device=device)
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
                              pipe.num_classes)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
     rows = []
-    for spec in args.samplers.split(","):
-        sampler, steps = spec.split(":")
+    for sampler, steps in specs:
         for scale in (float(g) for g in args.guidance.split(",")):
             t0 = time.time()
             images = to_uint8(pipe.sample_batched(labels, batch_size=args.batch_size, seed=args.seed,
-                                                  sampler=sampler, steps=int(steps), guidance_scale=scale))
+                                                  sampler=sampler, steps=steps, guidance_scale=scale))
             seconds = time.time() - t0
             metrics = offline(images, labels, memorization=False)
-            rows.append({"sampler": sampler, "steps": int(steps), "guidance_scale": scale,
+            rows.append({"sampler": sampler, "steps": steps, "guidance_scale": scale,
                          "sampling_seconds": seconds, **metrics})
-            print(f"{sampler:>6s} {steps:>4s} steps  guidance {scale:<4g}  accuracy {metrics['sample_accuracy']:.3f} "
+            print(f"{sampler:>6s} {steps:>4d} steps  guidance {scale:<4g}  accuracy {metrics['sample_accuracy']:.3f} "
                   f"(ratio {metrics['accuracy_ratio']:.3f}, per class "
                   f"{', '.join(f'{a:.3f}' for a in metrics['sample_accuracy_per_class'])})  "
                   f"FD {metrics['classifier_fd']:.3f}  KID {metrics['classifier_kid']:.4f}  {seconds:.0f} s", flush=True)
@@ -67,4 +79,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

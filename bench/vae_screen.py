@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from errors import run_main  # noqa: E402
 from data import load_dataset, to_float  # noqa: E402
 from data.batcher import DeviceBatcher  # noqa: E402
 from models.vae import AttentionVAE  # noqa: E402
@@ -86,4 +87,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

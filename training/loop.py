@@ -116,6 +116,9 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
     run.save_config(cfg)  # only now: a run refused before this point leaves an earlier config.json alone
 
     budget = None if max_minutes is None else 60.0 * max_minutes
+    if budget is not None and seconds >= budget and epoch < total_epochs and dist.is_main():
+        tqdm.write(f"[{stage.kind}] its {max_minutes:g}-minute budget is spent ({seconds / 60:.1f} min); "
+                   f"give a larger one to train on")
     t0 = time.time()
     with _SignalCatcher() as signals:
         while epoch < total_epochs and (budget is None or seconds < budget):
