@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier_path")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
     p.add_argument("--out", help="JSON file (default <results_dir>/sampling_sweep.json)")
     return p.parse_args(argv)
 
@@ -51,7 +52,7 @@ def main(argv=None):
     args = parse_args(argv)
     specs = sampler_specs(args.samplers)
     device = torch.device(args.device)
-    pipe = load_pipeline(args.results_dir, device=device)
+    pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema)
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
                              pipe.num_classes)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
@@ -70,7 +71,7 @@ def main(argv=None):
                   f"{', '.join(f'{a:.3f}' for a in metrics['sample_accuracy_per_class'])})  "
                   f"FD {metrics['classifier_fd']:.3f}  KID {metrics['classifier_kid']:.4f}  {seconds:.0f} s", flush=True)
     report = {"run": os.path.basename(os.path.normpath(args.results_dir)), "num_samples": args.num_samples,
-              "seed": args.seed, "device": device_name(device), "commit": git_commit()[0],
+              "seed": args.seed, "weights": "raw" if args.no_ema else "ema", "device": device_name(device), "commit": git_commit()[0],
               "class_names": pipe.class_names, "rows": rows}
     out = args.out or os.path.join(args.results_dir, "sampling_sweep.json")
     with open(out, "w") as f:

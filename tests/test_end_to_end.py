@@ -92,21 +92,27 @@ def test_image_folder_dataset_end_to_end(image_folder_root, tmp_path):
     assert len(os.listdir(os.path.join(out, "cat"))) == 3
 
 
-def test_evaluate_and_classify_write_complete_reports(latent_run, cifar10_root, tmp_path):
-    import pytorch_fid.inception
-    from evaluation.inception import _fid_weights_source
-    classifier_dir = str(tmp_path / "classifier")
+@pytest.fixture(scope="module")
+def real_classifier(tmp_path_factory, cifar10_root):
+    """The real-data classifier of the cats/dogs fixture (its report checked once)."""
+    classifier_dir = str(tmp_path_factory.mktemp("classifier"))
     assert main.main(["--train_classifier", "--dataset", "cifar10_catdog", "--data_root", str(cifar10_root),
                       "--epochs", "2", "--results_dir", classifier_dir] + TINY) == 0
     report = json.load(open(os.path.join(classifier_dir, "classifier_report.json")))
     assert len(report["per_class"]) == 2
+    return os.path.join(classifier_dir, "classifier_best.pt")
+
+
+def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifier, tmp_path):
+    import pytorch_fid.inception
+    from evaluation.inception import _fid_weights_source
     # The real-weights path, with random Inception weights saved in the standard file format.
     with _fid_weights_source(None):
         random_state = pytorch_fid.inception.fid_inception_v3().state_dict()
     weights = str(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
     torch.save(random_state, weights)
     assert generate.main(["--evaluate", "--results_dir", latent_run, "--num_samples", "16", "--device", "cpu",
-                          "--classifier_path", os.path.join(classifier_dir, "classifier_best.pt"),
+                          "--classifier_path", real_classifier,
                           "--inception_weights", weights, "--classify_images", "4", "--steps", "5"]) == 0
     result = json.load(open(os.path.join(latent_run, "eval.json")))
     for key in ("num_samples", "seed", "sampler", "steps", "guidance_scale", "checkpoint", "device",
@@ -117,6 +123,28 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, cifar10_root, 
     assert os.path.isfile(os.path.join(latent_run, "memorization_closest_pairs.png"))
     assert generate.main(["--classify", "--results_dir", latent_run, "--num_samples", "4", "--device", "cpu"]) == 0
     assert 1 <= json.load(open(os.path.join(latent_run, "classify.json")))["images"] <= 4  # the fixture holds few
+
+
+def test_sampling_sweep_scores_every_setting_with_either_weights(latent_run, real_classifier, tmp_path, capsys):
+    from bench import sampling_sweep
+    from errors import run_main
+    out = {w: str(tmp_path / f"{w}.json") for w in ("ema", "raw")}
+    base = ["--results_dir", latent_run, "--samplers", "dpmpp:3,ddim:2", "--guidance", "1,2", "--num_samples", "8",
+            "--batch_size", "4", "--classifier_path", real_classifier]
+    assert run_main(sampling_sweep.main, base + ["--out", out["ema"]]) == 0
+    assert run_main(sampling_sweep.main, base + ["--out", out["raw"], "--no_ema"]) == 0
+    reports = {w: json.load(open(path)) for w, path in out.items()}
+    assert reports["ema"]["weights"] == "ema" and reports["raw"]["weights"] == "raw"
+    for report in reports.values():
+        settings = [(r["sampler"], r["steps"], r["guidance_scale"]) for r in report["rows"]]
+        assert settings == [("dpmpp", 3, 1.0), ("dpmpp", 3, 2.0), ("ddim", 2, 1.0), ("ddim", 2, 2.0)]
+        for row in report["rows"]:
+            assert 0 <= row["sample_accuracy"] <= 1 and row["classifier_fd"] >= 0
+    # The tiny run's EMA (decay 0.9) differs from its raw weights, so the samples' features do too.
+    assert reports["ema"]["rows"][0]["classifier_fd"] != reports["raw"]["rows"][0]["classifier_fd"]
+    capsys.readouterr()
+    assert run_main(sampling_sweep.main, base + ["--samplers", "dpmpp:x"]) == 2
+    assert "--samplers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["unet", "attn_unet", "transformer"])

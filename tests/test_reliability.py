@@ -132,6 +132,22 @@ def test_resume_at_epoch_boundary_gives_same_losses(data, reference, tmp_path, v
     assert_same_tensors(ours["rng"], theirs["rng"], "rng")
 
 
+def test_resume_from_an_older_checkpoint_logs_each_epoch_once(data, reference, tmp_path):
+    """A crash can lose the checkpoint of an epoch whose rows metrics.csv already holds; resuming
+    from the checkpoint before it redoes that epoch and leaves one row per epoch and quantity."""
+    import shutil
+    run_dir = tmp_path / "rewound"
+    assert train_in_process(run_args(data, run_dir, 1)) == 0
+    shutil.copy(run_dir / LAST, tmp_path / "epoch1.pt")
+    assert train_in_process(run_args(data, run_dir, 2, "--resume")) == 0
+    shutil.copy(tmp_path / "epoch1.pt", run_dir / LAST)  # epoch 2's checkpoint lost, its rows kept
+    assert train_in_process(run_args(data, run_dir, 2, "--resume")) == 0
+    with open(run_dir / "metrics.csv") as f:
+        keys = [(r["stage"], r["epoch"], r["name"]) for r in csv.DictReader(f)]
+    assert len(keys) == len(set(keys)) and ("conditional_diffusion", "2", "loss") in keys, keys
+    assert_same_losses(reference, run_dir, 2)
+
+
 def test_sigint_mid_epoch_saves_and_resume_gives_same_losses(data, reference, tmp_path, monkeypatch, capsys):
     """SIGINT during epoch 2 -> checkpoint at the next step boundary, exit 130 and how to resume;
     --resume then ends exactly where the uninterrupted run ends, per-epoch losses included."""

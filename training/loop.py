@@ -99,6 +99,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
         set_rng_state(resume_state["rng"])
         if dist.is_main():
             print(f"resuming {stage.kind} at epoch {epoch} step {step}", file=sys.stderr)
+            run.drop_metrics_after(stage.kind, step)
     metric_name, mode = stage.best_metric
     bad_in_a_row = 0
 
@@ -134,7 +135,8 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
                 losses = stage.train_step(x, y, epoch + i / len(batcher))
                 if losses is None:  # non-finite loss or gradient: the stage skipped the update
                     bad_in_a_row += 1
-                    run.log(stage.kind, epoch + 1, step, {"skipped_step": 1.0})  # epochs are 1-based in metrics.csv
+                    # 1-based like the epochs: this is step number step + 1, done after any checkpoint at `step`
+                    run.log(stage.kind, epoch + 1, step + 1, {"skipped_step": 1.0})
                     if bad_in_a_row >= cfg.max_bad_steps:
                         last = run.path(stage.last_name)
                         kept = (f"the last good checkpoint is {last}" if os.path.isfile(last)

@@ -47,6 +47,22 @@ class Run:
             for name, value in values.items():
                 writer.writerow([stage, epoch, step, name, f"{float(value):.6g}"])
 
+    def drop_metrics_after(self, stage, step):
+        """Forget the rows `stage` logged after `step`: a run resumed from an earlier checkpoint
+        (after a crash, or with --checkpoint_every > 1) logs those steps again."""
+        if not dist.is_main():
+            return
+        rows = self.read_metrics()
+        kept = [r for r in rows if r["stage"] != stage or int(r["step"]) <= step]
+        if len(kept) == len(rows):
+            return
+        tmp = self.path("metrics.csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["stage", "epoch", "step", "name", "value"])
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(tmp, self.path("metrics.csv"))
+
     def read_metrics(self):
         path = self.path("metrics.csv")
         if not os.path.exists(path):
