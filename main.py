@@ -74,7 +74,6 @@ def parse_args(argv=None):
     g.add_argument("--classifier_path", help="real-data classifier checkpoint for the offline metrics")
     g.add_argument("--classifier_width", type=int, help="--train_classifier: ResNet width (default 64)")
     g = p.add_argument_group("engineering")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (auto: bf16 on CUDA)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the denoiser")
     g.add_argument("--picture_every", type=int, help="epochs between periodic pictures")
     g.add_argument("--checkpoint_every", type=int, help="epochs between checkpoints")

@@ -13,6 +13,7 @@ from diffusion.schedule import NoiseSchedule
 from errors import UserError
 from models import build_denoiser, build_vae
 from training.checkpoint import check_compatible, load_checkpoint
+from training.optim import autocast
 
 DENOISER_FILES = ("conditional_diffusion_final.pt", "conditional_diffusion_last.pt")
 VAE_FILES = ("vae_gan_best.pt", "vae_gan_last.pt")
@@ -76,12 +77,18 @@ class Pipeline:
             return z.clamp(-1, 1)
         return self.vae.decode(z * self.latent_scale + self.latent_shift).float().clamp(-1, 1)
 
+    def network(self, x_t, t, y):
+        """The denoiser under the run's mixed precision (--amp; bf16 on CUDA by default); the
+        samplers' arithmetic stays in float32."""
+        with autocast(torch.device(self.device), self.cfg.amp):
+            return self.denoiser(x_t, t, y).float()
+
     def eps_fn(self, x_t, t, y):
         """The network's noise prediction (any parameterisation converted), for the
         diffusion classifier."""
         from diffusion.objective import to_x0_eps
         alpha, sigma = self.schedule.alpha_sigma(t, x_t)
-        return to_x0_eps(self.denoiser(x_t, t, y).float(), x_t, alpha, sigma, self.cfg.prediction)[1]
+        return to_x0_eps(self.network(x_t, t, y), x_t, alpha, sigma, self.cfg.prediction)[1]
 
     @torch.inference_mode()
     def sample(self, labels, *, sampler=None, steps=None, guidance_scale=None, guidance_schedule=None,
@@ -96,7 +103,7 @@ class Pipeline:
             x_T = torch.randn((len(labels),) + self.sample_shape, generator=generator).to(self.device)
         was_training = self.denoiser.training
         self.denoiser.eval()
-        denoise = make_denoiser(self.denoiser, self.schedule, cfg.prediction, labels, self.num_classes,
+        denoise = make_denoiser(self.network, self.schedule, cfg.prediction, labels, self.num_classes,
                                 guidance_scale, guidance_schedule or cfg.guidance_schedule,
                                 clip_x0=None if self.vae is not None else 1.0, steps=steps)
         noise_generator = torch.Generator(device=self.device).manual_seed(seed + 1)

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from config import AMP_MODES  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
 from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier  # noqa: E402
@@ -33,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--classifier_path")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
+    p.add_argument("--amp", choices=AMP_MODES, help="sampling precision (default: the run's)")
     p.add_argument("--out", help="JSON file (default <results_dir>/sampling_sweep.json)")
     return p.parse_args(argv)
 
@@ -52,7 +54,8 @@ def main(argv=None):
     args = parse_args(argv)
     specs = sampler_specs(args.samplers)
     device = torch.device(args.device)
-    pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema)
+    pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema,
+                         overrides=argparse.Namespace(amp=args.amp))
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
                              pipe.num_classes)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
@@ -71,7 +74,8 @@ def main(argv=None):
                   f"{', '.join(f'{a:.3f}' for a in metrics['sample_accuracy_per_class'])})  "
                   f"FD {metrics['classifier_fd']:.3f}  KID {metrics['classifier_kid']:.4f}  {seconds:.0f} s", flush=True)
     report = {"run": os.path.basename(os.path.normpath(args.results_dir)), "num_samples": args.num_samples,
-              "seed": args.seed, "weights": "raw" if args.no_ema else "ema", "device": device_name(device), "commit": git_commit()[0],
+              "seed": args.seed, "weights": "raw" if args.no_ema else "ema", "amp": pipe.cfg.amp,
+              "device": device_name(device), "commit": git_commit()[0],
               "class_names": pipe.class_names, "rows": rows}
     out = args.out or os.path.join(args.results_dir, "sampling_sweep.json")
     with open(out, "w") as f:

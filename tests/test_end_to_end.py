@@ -63,6 +63,20 @@ def test_generate_all_classes_and_sampler_options(latent_run, tmp_path):
     assert {"cat_grid.png", "dog_grid.png"} <= set(os.listdir(out))
 
 
+def test_sampling_runs_the_network_under_the_asked_precision(latent_run):
+    """--amp bf16 samples through bf16 autocast (different, close images); none is float32."""
+    import argparse
+    from pipeline import load_pipeline
+    images = {}
+    for amp in ("none", "bf16"):
+        pipe = load_pipeline(latent_run, overrides=argparse.Namespace(amp=amp))
+        assert pipe.cfg.amp == amp
+        images[amp] = pipe.sample(torch.tensor([0, 1, 0, 1]), steps=4, seed=0)
+        assert images[amp].dtype == torch.float32
+    gap = (images["none"] - images["bf16"]).abs()
+    assert 0 < gap.max() and gap.mean() < 0.05, (gap.max(), gap.mean())
+
+
 def test_animation_is_a_gif_of_the_reverse_process(latent_run):
     assert generate.main(["--results_dir", latent_run, "--create_animation", "--class_name", "cat",
                           "--device", "cpu"]) == 0
@@ -128,13 +142,15 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifie
 def test_sampling_sweep_scores_every_setting_with_either_weights(latent_run, real_classifier, tmp_path, capsys):
     from bench import sampling_sweep
     from errors import run_main
-    out = {w: str(tmp_path / f"{w}.json") for w in ("ema", "raw")}
+    out = {w: str(tmp_path / f"{w}.json") for w in ("ema", "raw", "bf16")}
     base = ["--results_dir", latent_run, "--samplers", "dpmpp:3,ddim:2", "--guidance", "1,2", "--num_samples", "8",
             "--batch_size", "4", "--classifier_path", real_classifier]
     assert run_main(sampling_sweep.main, base + ["--out", out["ema"]]) == 0
     assert run_main(sampling_sweep.main, base + ["--out", out["raw"], "--no_ema"]) == 0
+    assert run_main(sampling_sweep.main, base + ["--out", out["bf16"], "--amp", "bf16"]) == 0
     reports = {w: json.load(open(path)) for w, path in out.items()}
-    assert reports["ema"]["weights"] == "ema" and reports["raw"]["weights"] == "raw"
+    assert [reports[w]["weights"] for w in out] == ["ema", "raw", "ema"]
+    assert [reports[w]["amp"] for w in out] == ["auto", "auto", "bf16"]  # the run's, or the one asked for
     for report in reports.values():
         settings = [(r["sampler"], r["steps"], r["guidance_scale"]) for r in report["rows"]]
         assert settings == [("dpmpp", 3, 1.0), ("dpmpp", 3, 2.0), ("ddim", 2, 1.0), ("ddim", 2, 2.0)]
