@@ -12,6 +12,9 @@ from errors import UserError
 from training import distributed as dist
 
 
+METRICS_COLUMNS = ["stage", "epoch", "step", "name", "value"]
+
+
 class Run:
     def __init__(self, folder, create=True):
         self.folder = folder
@@ -43,7 +46,7 @@ class Run:
         with open(path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
-                writer.writerow(["stage", "epoch", "step", "name", "value"])
+                writer.writerow(METRICS_COLUMNS)
             for name, value in values.items():
                 writer.writerow([stage, epoch, step, name, f"{float(value):.6g}"])
 
@@ -58,7 +61,7 @@ class Run:
             return
         tmp = self.path("metrics.csv.tmp")
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["stage", "epoch", "step", "name", "value"])
+            writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
             writer.writeheader()
             writer.writerows(kept)
         os.replace(tmp, self.path("metrics.csv"))
