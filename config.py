@@ -77,7 +77,7 @@ class Config:
     mlp_ratio: float = 4.0
     transformer_decoder_channels: int = 64
     # --- diffusion ---
-    schedule: str = "cosine"
+    schedule: str = "cosine"              # linear | cosine | edm (EDM's log-normal noise levels)
     timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -270,10 +270,11 @@ RUNTIME_FIELDS = {"results_dir", "data_root", "device", "seed", "download", "amp
 
 def validate(cfg):
     from data import dataset_names, default_image_size  # late import: data imports nothing from here
+    from diffusion.schedule import SCHEDULES
     checks = [
         (cfg.dataset in dataset_names(), f"unknown dataset {cfg.dataset!r}; choose from {', '.join(dataset_names())}"),
         (cfg.model in DENOISERS, f"unknown model {cfg.model!r}; choose from {', '.join(DENOISERS)}"),
-        (cfg.schedule in ("linear", "cosine"), f"unknown schedule {cfg.schedule!r}"),
+        (cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}; choose {', '.join(SCHEDULES)}"),
         (cfg.prediction in ("eps", "v", "x0"), f"unknown prediction {cfg.prediction!r}"),
         (cfg.sampler in ("ddpm", "ddim", "dpmpp"), f"unknown sampler {cfg.sampler!r}; choose ddpm, ddim or dpmpp"),
         (cfg.timesteps >= 2, "--timesteps must be at least 2"),

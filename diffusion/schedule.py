@@ -17,6 +17,28 @@ def cosine_alphas_cumprod(timesteps, s=0.008):
     return f[1:] / f[0]
 
 
+# EDM (Karras et al. 2022) trains on ln(sigma) ~ N(-1.2, 1.2^2) for sigma in [0.002, 80] with data
+# of standard deviation 0.5; here in units of the data's standard deviation (standardized latents
+# have 1; [-1, 1] pixels about 0.5, so they see up to twice that noise).
+EDM_P_MEAN, EDM_P_STD = -1.2 - math.log(0.5), 1.2
+EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002 / 0.5, 80.0 / 0.5
+
+
+def edm_sigmas(timesteps):
+    """sigma_t (noise over signal: x_t / alpha_t = x0 + sigma_t eps) at `timesteps` evenly spaced
+    quantiles of EDM's log-normal law cut to [sigma_min, sigma_max], the ends included: drawing t
+    uniformly then draws EDM's training noise levels, and t = T-1 is its sampler's sigma_max."""
+    z = lambda sigma: (math.log(sigma) - EDM_P_MEAN) / EDM_P_STD  # noqa: E731
+    lo, hi = (torch.special.ndtr(torch.tensor(z(s), dtype=torch.float64)) for s in (EDM_SIGMA_MIN, EDM_SIGMA_MAX))
+    u = torch.linspace(0, 1, timesteps, dtype=torch.float64) * (hi - lo) + lo
+    sigma = torch.exp(EDM_P_MEAN + EDM_P_STD * torch.special.ndtri(u))
+    sigma[0], sigma[-1] = EDM_SIGMA_MIN, EDM_SIGMA_MAX  # exact ends, whatever ndtri's rounding
+    return sigma
+
+
+SCHEDULES = ("linear", "cosine", "edm")
+
+
 class NoiseSchedule:
     def __init__(self, kind="linear", timesteps=1000, beta_start=1e-4, beta_end=0.02):
         if kind == "linear":
@@ -27,6 +49,9 @@ class NoiseSchedule:
             abar = cosine_alphas_cumprod(timesteps)
             betas = (1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])).clamp(max=0.999)
             alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        elif kind == "edm":  # variance preserving: alpha^2 = 1 / (1 + sigma^2)
+            alphas_cumprod = 1 / (1 + edm_sigmas(timesteps) ** 2)
+            betas = 1 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         else:
             raise ValueError(f"unknown schedule {kind!r}")
         self.kind, self.timesteps = kind, timesteps

@@ -32,7 +32,29 @@ def test_cosine_schedule_matches_closed_form():
     assert torch.all(s.alphas_cumprod[1:] < s.alphas_cumprod[:-1])
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_edm_schedule_is_the_log_normal_law_of_edm():
+    """sigma_t = sqrt((1 - abar) / abar) runs from sigma_min to sigma_max through evenly spaced
+    quantiles of ln sigma ~ N(p_mean, p_std^2): so a uniform t has that law's mean and spread."""
+    from diffusion.schedule import EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_MAX, EDM_SIGMA_MIN
+    s = NoiseSchedule("edm", 1000)
+    sigma = ((1 - s.alphas_cumprod) / s.alphas_cumprod).sqrt()
+    assert sigma[0].item() == pytest.approx(EDM_SIGMA_MIN, rel=1e-9)
+    assert sigma[-1].item() == pytest.approx(EDM_SIGMA_MAX, rel=1e-9)
+    assert torch.all(sigma[1:] > sigma[:-1])
+    normal = torch.distributions.Normal(EDM_P_MEAN, EDM_P_STD)
+    for t in (100, 500, 900):  # the quantile at t's share of the truncated mass
+        lo, hi = (normal.cdf(torch.tensor(math.log(v))).item() for v in (EDM_SIGMA_MIN, EDM_SIGMA_MAX))
+        u = lo + (hi - lo) * t / 999
+        assert math.log(sigma[t].item()) == pytest.approx(normal.icdf(torch.tensor(u)).item(), abs=1e-4)
+    log_sigma = sigma.log()  # the cut tails and the grid's end points move the moments by a little
+    assert log_sigma.mean().item() == pytest.approx(EDM_P_MEAN, abs=0.01)
+    assert log_sigma.std().item() == pytest.approx(EDM_P_STD, rel=0.02)
+    # the betas reproduce the table, as the posterior needs
+    assert torch.allclose(torch.cumprod(1 - s.betas, 0), s.alphas_cumprod, rtol=1e-9)
+    assert (s.betas > 0).all() and (s.betas < 1).all()
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "edm"])
 def test_posterior_matches_gaussian_conditioning(kind):
     """q(x_s | x_t, x0) from the schedule equals the conditional of the joint Gaussian
     (x_s, x_t) | x0 computed directly."""
@@ -86,7 +108,7 @@ def test_loss_is_zero_for_the_exact_target():
     assert DiffusionLoss(sched, "eps")(oracle, x0, None, t=t, noise=noise).item() == pytest.approx(0, abs=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("kind", ["linear", "cosine", "edm"])
 @pytest.mark.parametrize("spacing", ["time", "logsnr"])
 def test_sampling_timesteps_are_distinct_and_span_the_schedule(kind, spacing):
     sched = NoiseSchedule(kind, 1000)
@@ -118,7 +140,7 @@ def exact_ode_endpoint(schedule, x_T):
     return MU + S * (x_T - math.sqrt(a) * MU) / math.sqrt(a * S ** 2 + 1 - a)
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("kind", ["linear", "cosine", "edm"])
 def test_ddim_all_steps_follows_the_deterministic_path(kind):
     sched = NoiseSchedule(kind, 1000)
     x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -128,7 +150,7 @@ def test_ddim_all_steps_follows_the_deterministic_path(kind):
     assert torch.equal(out, again)  # eta = 0 uses no randomness
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("kind", ["linear", "cosine", "edm"])
 def test_dpmpp_20_steps_matches_ddim_1000_and_the_exact_answer(kind):
     sched = NoiseSchedule(kind, 1000)
     x_T = torch.randn(256, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
