@@ -3,6 +3,7 @@ import argparse
 import sys
 
 from config import ArgumentParser, add_common_args, add_sampling_args, build_config
+from diffusion.schedule import SCHEDULES
 from errors import UserError, run_main
 
 
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     g.add_argument("--transformer_width", type=int)
     g.add_argument("--transformer_depth", type=int)
     g.add_argument("--patch_size", type=int)
-    g.add_argument("--schedule", choices=("linear", "cosine", "edm"),
+    g.add_argument("--schedule", choices=SCHEDULES,
                    help="noise schedule (default cosine; edm: EDM's log-normal training noise levels)")
     g.add_argument("--timesteps", type=int)
     g.add_argument("--prediction", choices=("eps", "v", "x0"))

@@ -9,6 +9,11 @@ def linear_betas(timesteps, beta_start=1e-4, beta_end=0.02):
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
 
 
+def betas_of(alphas_cumprod):
+    """beta_t = 1 - abar_t / abar_{t-1}, with abar_{-1} = 1."""
+    return 1 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+
+
 def cosine_alphas_cumprod(timesteps, s=0.008):
     """Nichol & Dhariwal (2021): abar(t) = f(t) / f(0), f(t) = cos^2(((t/T) + s) / (1 + s) * pi/2),
     evaluated at t = 1..T so that index 0 is already one step of noise."""
@@ -47,11 +52,11 @@ class NoiseSchedule:
         elif kind == "cosine":
             # Clip each step's beta at 0.999 as Nichol & Dhariwal do, so the last step stays finite.
             abar = cosine_alphas_cumprod(timesteps)
-            betas = (1 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])).clamp(max=0.999)
+            betas = betas_of(abar).clamp(max=0.999)
             alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         elif kind == "edm":  # variance preserving: alpha^2 = 1 / (1 + sigma^2)
             alphas_cumprod = 1 / (1 + edm_sigmas(timesteps) ** 2)
-            betas = 1 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+            betas = betas_of(alphas_cumprod)
         else:
             raise ValueError(f"unknown schedule {kind!r}")
         self.kind, self.timesteps = kind, timesteps
