@@ -270,12 +270,13 @@ RUNTIME_FIELDS = {"results_dir", "data_root", "device", "seed", "download", "amp
 
 def validate(cfg):
     from data import dataset_names, default_image_size  # late import: data imports nothing from here
+    from diffusion.objective import PREDICTIONS
     from diffusion.schedule import SCHEDULES
     checks = [
         (cfg.dataset in dataset_names(), f"unknown dataset {cfg.dataset!r}; choose from {', '.join(dataset_names())}"),
         (cfg.model in DENOISERS, f"unknown model {cfg.model!r}; choose from {', '.join(DENOISERS)}"),
         (cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}; choose {', '.join(SCHEDULES)}"),
-        (cfg.prediction in ("eps", "v", "x0"), f"unknown prediction {cfg.prediction!r}"),
+        (cfg.prediction in PREDICTIONS, f"unknown prediction {cfg.prediction!r}"),
         (cfg.sampler in ("ddpm", "ddim", "dpmpp"), f"unknown sampler {cfg.sampler!r}; choose ddpm, ddim or dpmpp"),
         (cfg.timesteps >= 2, "--timesteps must be at least 2"),
         (1 <= cfg.steps <= cfg.timesteps, f"--steps must be between 1 and {cfg.timesteps}, got {cfg.steps}"),

@@ -42,8 +42,8 @@ def test_edm_schedule_is_the_log_normal_law_of_edm():
     assert sigma[-1].item() == pytest.approx(EDM_SIGMA_MAX, rel=1e-9)
     assert torch.all(sigma[1:] > sigma[:-1])
     normal = torch.distributions.Normal(EDM_P_MEAN, EDM_P_STD)
+    lo, hi = (normal.cdf(torch.tensor(math.log(v))).item() for v in (EDM_SIGMA_MIN, EDM_SIGMA_MAX))
     for t in (100, 500, 900):  # the quantile at t's share of the truncated mass
-        lo, hi = (normal.cdf(torch.tensor(math.log(v))).item() for v in (EDM_SIGMA_MIN, EDM_SIGMA_MAX))
         u = lo + (hi - lo) * t / 999
         assert math.log(sigma[t].item()) == pytest.approx(normal.icdf(torch.tensor(u)).item(), abs=1e-4)
     log_sigma = sigma.log()  # the cut tails and the grid's end points move the moments by a little
