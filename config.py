@@ -40,6 +40,7 @@ class Config:
     vae_batch_size: int = 128
     vae_lr: float = 2e-4
     vae_grad_clip: float = 1.0            # 0: off
+    vae_lr_schedule: str = "constant"     # constant | cosine (down to 0 over vae_epochs)
     vae_minutes: float | None = None      # wall-clock budget of the stage (None: epochs only)
     vae_base_channels: int = 64
     vae_channel_mults: tuple = (1, 2, 2)
@@ -140,16 +141,18 @@ PRESETS = {
                  adv_start_epoch=1, adv_ramp_epochs=1, ema_decay=0.9,
                  classifier_width=8, classifier_batch_size=32, classifier_epochs=2, eval_samples=32),
     # A budget run on a few CPU cores (measured in BENCHMARKS.md): 8 latent channels, bf16 autocast
-    # (CPUs with avx512_bf16 run it faster), a VAE with attention only at its bottleneck, batch 64,
-    # lr 1e-3 and no gradient clip (each a measured gain in PSNR per minute), no discriminator (a
-    # few minutes are better spent on reconstruction), and a deeper latent UNet with attention at
-    # 4x4 and 2x2 only (8x8 attention cost a third of each step); DPM-Solver++ at 20 steps (50 add
-    # nothing) with strong guidance.
+    # (CPUs with avx512_bf16 run it faster), a light VAE (attention only at its bottleneck, no
+    # residual blocks in the encoder's levels) trained in many small steps (batch 16, lr 1e-3 decayed
+    # to 0 over its 8 epochs, no gradient clip: each a measured gain in PSNR per minute), no
+    # discriminator (a few minutes are better spent on reconstruction), and a deeper latent UNet with
+    # attention at 4x4 and 2x2 only (8x8 attention cost a third of each step); DPM-Solver++ at 20
+    # steps (50 add nothing) with strong guidance.
     "cpu": dict(vae_base_channels=32, latent_channels=8, amp="bf16", perceptual_weight=0.0,
-                vae_block_attention=False, vae_batch_size=64, vae_lr=1e-3, vae_grad_clip=0.0, adv_weight=0.0,
+                vae_block_attention=False, vae_res_blocks=0, vae_batch_size=16, vae_lr=1e-3,
+                vae_lr_schedule="cosine", vae_grad_clip=0.0, adv_weight=0.0,
                 kl_start_epoch=0, kl_warmup_epochs=2, class_loss_start_epoch=0,
                 base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(4, 2), lr=5e-4,
-                picture_every=1, log_every=20, warmup_steps=200, vae_epochs=100, diffusion_epochs=1000,
+                picture_every=1, log_every=20, warmup_steps=200, vae_epochs=8, diffusion_epochs=1000,
                 vae_minutes=4, diffusion_minutes=16, sampler="dpmpp", steps=20,
                 guidance_scale=16.0),  # measured: classifier FD and KID lowest at 16 (accuracy still rises)
     # The S1 seed's settings: 1000-step linear schedule, epsilon prediction, ancestral sampling,
@@ -272,6 +275,7 @@ def validate(cfg):
     from data import dataset_names, default_image_size  # late import: data imports nothing from here
     from diffusion.objective import PREDICTIONS
     from diffusion.schedule import SCHEDULES
+    from training.optim import LR_SCHEDULES
     checks = [
         (cfg.dataset in dataset_names(), f"unknown dataset {cfg.dataset!r}; choose from {', '.join(dataset_names())}"),
         (cfg.model in DENOISERS, f"unknown model {cfg.model!r}; choose from {', '.join(DENOISERS)}"),
@@ -286,6 +290,9 @@ def validate(cfg):
         (all(m is None or m > 0 for m in (cfg.vae_minutes, cfg.diffusion_minutes)),
          "--minutes, --vae_minutes and --diffusion_minutes must be positive"),
         (cfg.vae_grad_clip >= 0, "--vae_grad_clip must not be negative (0: off)"),
+        (cfg.vae_lr_schedule in LR_SCHEDULES,
+         f"unknown --vae_lr_schedule {cfg.vae_lr_schedule!r}; choose {', '.join(LR_SCHEDULES)}"),
+        (cfg.vae_res_blocks >= 0, f"--vae_res_blocks must not be negative, got {cfg.vae_res_blocks}"),
         (cfg.vae_epochs >= 0 and cfg.diffusion_epochs >= 0, "epochs must not be negative"),
         (cfg.subset is None or cfg.subset > 0, f"--subset must be positive, got {cfg.subset}"),
         (cfg.image_size is None or cfg.image_size >= 8, f"--image_size must be at least 8, got {cfg.image_size}"),

@@ -6,6 +6,7 @@ from config import ArgumentParser, add_common_args, add_sampling_args, build_con
 from diffusion.objective import PREDICTIONS
 from diffusion.schedule import SCHEDULES
 from errors import UserError, run_main
+from training.optim import LR_SCHEDULES
 
 
 def parse_args(argv=None):
@@ -37,6 +38,11 @@ def parse_args(argv=None):
     g.add_argument("--perceptual_weight", type=float, help="VGG16 perceptual loss weight (0: no VGG needed)")
     g.add_argument("--vgg_weights", help="path to torchvision's vgg16-397923af.pth")
     g.add_argument("--vae_grad_clip", type=float, help="VAE gradient-norm clip (0: off; default 1)")
+    g.add_argument("--vae_lr_schedule", choices=LR_SCHEDULES,
+                   help="VAE learning rate: constant (default) or cosine, down to 0 over --vae_epochs (with "
+                        "--train_vae, --epochs)")
+    g.add_argument("--vae_res_blocks", type=int, help="residual blocks per VAE encoder level (the decoder has one "
+                                                      "more; default 1)")
     g.add_argument("--kl_weight", type=float)
     g.add_argument("--kl_start_epoch", type=int, help="stage schedule: each loss weight ramps linearly from 0 "
                                                       "at its start epoch to full over its ramp epochs")

@@ -3,7 +3,8 @@ AttentionVAE on L1 (+ the tiny KL, optional latent classifier loss) for `--secon
 held-out PSNR of the posterior mean's reconstruction. Cheaper than a full `main.py --train_vae`
 run (no discriminator, no checkpoints, no pictures), for ranking settings before a real run.
 
-    python bench/vae_screen.py --data_root ../shared/data/cifar10-catdog --seconds 75 --batch_size 64 --grad_clip 0
+    python bench/vae_screen.py --data_root ../shared/data/cifar10-catdog --seconds 120 --batch_size 16 \
+        --res_blocks 0 --lr_decay
 """
 import argparse
 import os
@@ -19,6 +20,7 @@ from errors import run_main  # noqa: E402
 from data import load_dataset, to_float  # noqa: E402
 from data.batcher import DeviceBatcher  # noqa: E402
 from models.vae import AttentionVAE  # noqa: E402
+from training.optim import lr_factor, make_ema  # noqa: E402
 from training.vae_gan import kl_divergence  # noqa: E402
 
 
@@ -34,7 +36,11 @@ def parse_args(argv=None):
     p.add_argument("--base_channels", type=int, default=32)
     p.add_argument("--channel_mults", default="1,2,2")
     p.add_argument("--latent_channels", type=int, default=8)
+    p.add_argument("--res_blocks", type=int, default=1, help="residual blocks per encoder level")
     p.add_argument("--block_attention", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--ema", type=float, default=0.0, help="score an EMA of the weights with this decay (0: off)")
+    p.add_argument("--lr_decay", action="store_true",
+                   help="cosine decay of the lr to 0 over the time budget (by elapsed time)")
     p.add_argument("--deterministic", action="store_true", help="decode the posterior mean, not a sample")
     p.add_argument("--mse", action="store_true", help="add an MSE term to the L1 loss")
     p.add_argument("--classifier_weight", type=float, default=0.0)
@@ -51,7 +57,8 @@ def main(argv=None):
     val = load_dataset(args.dataset, args.data_root, "val", image_size=32, val_fraction=0.1)
     vae = AttentionVAE(base_channels=args.base_channels, channel_mults=tuple(int(m) for m in args.channel_mults.split(",")),
                        latent_channels=args.latent_channels, num_classes=len(train.class_names),
-                       block_attention=args.block_attention)
+                       num_res_blocks=args.res_blocks, block_attention=args.block_attention)
+    ema = make_ema(vae, args.ema) if args.ema else None
     opt = torch.optim.AdamW(vae.parameters(), args.lr, betas=tuple(float(b) for b in args.betas.split(",")),
                             weight_decay=0.0)
     batcher = DeviceBatcher(train.images, train.labels, args.batch_size, torch.device("cpu"), flip=True, seed=args.seed)
@@ -71,11 +78,19 @@ def main(argv=None):
             loss.backward()
             if args.grad_clip:
                 torch.nn.utils.clip_grad_norm_(vae.parameters(), args.grad_clip)
+            if args.lr_decay:
+                done = min(1.0, (time.time() - start) / args.seconds)
+                for group in opt.param_groups:
+                    group["lr"] = args.lr * lr_factor("cosine", done)
             opt.step()
+            if ema is not None:
+                ema.update_parameters(vae)
             step += 1
             if time.time() - start >= args.seconds:
                 break
         epoch += 1
+    if ema is not None:
+        vae = ema.module
     vae.eval()
     with torch.no_grad():
         x = to_float(val.images[:1000])

@@ -53,6 +53,8 @@ CASES = [
     case("main_image_size_zero", *M, "--image_size", "0", contains="--image_size"),
     case("main_steps_negative", *M, "--steps", "-1", contains="--steps"),
     case("main_guidance_negative", *M, "--guidance_scale", "-1", contains="--guidance_scale"),
+    case("main_unknown_vae_lr_schedule", *M, "--vae_lr_schedule", "step_zzz", contains="--vae_lr_schedule"),
+    case("main_vae_res_blocks_negative", *M, "--vae_res_blocks", "-1", contains="--vae_res_blocks"),
     # --- main.py: data
     case("main_missing_data", *M, "--data_root", "{missing}", contains="does not exist"),
     case("main_empty_data", *M, "--data_root", "{empty}", contains="class"),

@@ -194,6 +194,37 @@ def test_vae_resume_at_epoch_boundary_gives_same_losses(data, tmp_path):
     assert_same_tensors(ours["stage"], theirs["stage"], "stage")
 
 
+def test_vae_cosine_lr_follows_its_closed_form_and_resumes_mid_epoch(data, tmp_path, monkeypatch):
+    """--vae_lr_schedule cosine: the lr is a half cosine of the fractional epoch over --epochs, so
+    a run stopped by SIGINT inside epoch 2 and resumed ends where the uninterrupted run ends."""
+    from training.vae_gan import VAEGANStage
+    vae = ["--train_vae", "--dataset", "folder", "--preset", "tiny", "--batch_size", "4", "--image_size", "16",
+           "--perceptual_weight", "0", "--picture_every", "1000", "--seed", "3", "--data_root", data,
+           "--vae_lr_schedule", "cosine", "--lr", "1e-3", "--epochs", "2"]
+    once, twice = tmp_path / "uninterrupted", tmp_path / "resumed"
+    assert train_in_process([*vae, "--results_dir", once]) == 0
+    real_step, calls = VAEGANStage.train_step, []
+
+    def step_then_signal(self, x, y, epoch):
+        calls.append(epoch)
+        if 1 < epoch and len([e for e in calls if e > 1]) == 1:  # the second step of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, x, y, epoch)
+
+    monkeypatch.setattr(VAEGANStage, "train_step", step_then_signal)
+    assert train_in_process([*vae, "--results_dir", twice]) == 130
+    assert load(twice / "vae_gan_last.pt")["batch_in_epoch"] == 2
+    monkeypatch.setattr(VAEGANStage, "train_step", real_step)
+    assert train_in_process([*vae, "--results_dir", twice, "--resume"]) == 0
+    assert_same_losses(once, twice, 2, names=None, stage="vae_gan")
+    ours, theirs = load(twice / "vae_gan_last.pt"), load(once / "vae_gan_last.pt")
+    assert_same_tensors(ours["stage"], theirs["stage"], "stage")
+    steps = theirs["step"] // 2  # per epoch; the last step ran at fractional epoch 1 + (steps - 1) / steps
+    expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * (1 + (steps - 1) / steps) / 2))
+    for opt in ("opt_g", "opt_d"):
+        assert math.isclose(theirs["stage"][opt]["param_groups"][0]["lr"], expected, rel_tol=1e-6)
+
+
 def test_rng_state_round_trip_restores_every_generator():
     """torch, Python and NumPy streams continue exactly, mid-stream and with a cached gaussian."""
     import numpy as np

@@ -1,5 +1,7 @@
 """The training loop and the S2/S4 training options: early stopping, the balanced loss,
 adaptive timestep sampling."""
+import math
+
 import pytest
 import torch
 
@@ -139,6 +141,13 @@ def test_adaptive_loss_runs_without_host_sync_and_keeps_state():
         loss_fn(lambda x, t, y: net(x), torch.randn(8, 2, 4, 4), None).backward()
     state = loss_fn.adaptive.state_dict()
     assert state["mean_sq"].shape == (20,) and not torch.allclose(state["mean_sq"], torch.ones(20))
+
+
+def test_lr_factor_is_a_half_cosine_over_the_plan():
+    from training.optim import lr_factor
+    assert [lr_factor("constant", p) for p in (0, 0.5, 1, 2)] == [1.0] * 4
+    assert [round(lr_factor("cosine", p), 12) for p in (-1, 0, 0.25, 0.5, 0.75, 1, 2)] == \
+        [1.0, 1.0, round((1 + math.sqrt(0.5)) / 2, 12), 0.5, round((1 - math.sqrt(0.5)) / 2, 12), 0.0, 0.0]
 
 
 def test_ema_warms_up_then_uses_the_configured_decay():

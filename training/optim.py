@@ -1,5 +1,6 @@
 """Optimizer, warm-up schedule, EMA and autocast, shared by every stage."""
 import contextlib
+import math
 
 import torch
 from torch.optim.swa_utils import AveragedModel
@@ -12,6 +13,17 @@ def make_optimizer(params, lr, weight_decay=0.0, betas=(0.9, 0.999), device=None
 
 def warmup_schedule(optimizer, warmup_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)))
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule, progress):
+    """The lr's multiplier at `progress` (the share of the stage's planned epochs done): 1
+    throughout, or a half cosine from 1 down to 0 at the end of the plan."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 def make_ema(model, decay):

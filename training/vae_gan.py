@@ -12,7 +12,7 @@ from data import to_float
 from errors import UserError, offline
 from models import VGG16Features, build_discriminator, build_vae
 from training import distributed as dist
-from training.optim import autocast, grads_finite_step, make_optimizer
+from training.optim import autocast, grads_finite_step, lr_factor, make_optimizer
 
 VGG16_FILE = "vgg16-397923af.pth"
 
@@ -114,6 +114,10 @@ class VAEGANStage:
 
     def train_step(self, x, y, epoch):
         cfg, w = self.cfg, loss_weights(self.cfg, epoch)
+        # A function of the fractional epoch, like the loss weights, so a resumed run follows it exactly.
+        lr = cfg.vae_lr * lr_factor(cfg.vae_lr_schedule, epoch / max(cfg.vae_epochs, 1))
+        for group in (*self.opt_g.param_groups, *self.opt_d.param_groups):
+            group["lr"] = lr
         with autocast(self.device, cfg.amp):
             recon, mean, logvar, _ = self.vae_ddp(x)
             losses = {"recon": (recon.float() - x).abs().mean(), "kl": kl_divergence(mean.float(), logvar.float())}
