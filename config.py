@@ -24,6 +24,7 @@ class Config:
     val_fraction: float = 0.1
     attribute: str = "Smiling"
     flowers_splits: str = "all"
+    hflip: bool = True                    # training sees each image or its mirror image at random
     model: str = "latent_unet"
     results_dir: str | None = None        # None: results/<dataset>_<model>
     preset: str = "default"

@@ -24,6 +24,9 @@ def parse_args(argv=None):
                                                  "last epoch boundary that fits (--epochs stays the cap)")
     p.add_argument("--vae_minutes", type=float, help="VAE-GAN budget in minutes (with --train_all)")
     p.add_argument("--diffusion_minutes", type=float, help="denoiser budget in minutes (with --train_all)")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction,
+                   help="train on images and their mirror images (default; --no-hflip where left and right "
+                        "differ)")
     p.add_argument("--lr", type=float, help="learning rate of the stage(s) being trained")
     p.add_argument("--resume", action="store_true", help="continue the run in --results_dir from its last checkpoint")
     p.add_argument("--checkpoint_path", help="continue from this checkpoint (with --total_epochs)")

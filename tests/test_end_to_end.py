@@ -10,6 +10,7 @@ import torch
 import generate
 import main
 import visualize
+from config import Config, build_config
 from training.checkpoint import load_checkpoint
 
 TINY = ["--preset", "tiny", "--batch_size", "8", "--perceptual_weight", "0", "--device", "cpu"]
@@ -40,6 +41,23 @@ def test_training_writes_the_run_folder(latent_run):
     assert stage["latent_scale"].shape == (4, 1, 1) and (stage["latent_scale"] > 0).all()
     vae = load_checkpoint(os.path.join(latent_run, "vae_gan_last.pt"))["stage"]
     assert {"vae", "disc", "center_loss", "opt_g", "opt_d"} <= set(vae)
+
+
+def test_latent_training_data_holds_mirror_images_only_with_hflip(latent_run):
+    from training.runner import _latent_data, load_splits
+    with open(os.path.join(latent_run, "config.json")) as f:
+        cfg = Config.from_dict(json.load(f))
+    train, val = load_splits(cfg)
+    _, both, both_labels, *_ = _latent_data(cfg, "cpu", train, val)
+    cfg.hflip = False
+    _, plain, plain_labels, *_ = _latent_data(cfg, "cpu", train, val)
+    n = len(train.images)
+    assert len(both) == 2 * n and torch.equal(both_labels, torch.cat([train.labels, train.labels]))
+    assert len(plain) == n and torch.equal(plain_labels, train.labels)
+    assert torch.equal(plain, both[:n])  # the images themselves, encoded the same way
+    assert (both[n:] - both[:n]).abs().mean() > 1e-3  # the second half: their mirror images
+    args = main.stage_overrides(main.parse_args(["--train_diffusion", "--no-hflip"]))
+    assert build_config(args).hflip is False and build_config(main.parse_args(["--train_vae"])).hflip is True
 
 
 def test_generate_writes_grid_and_images_and_is_seeded(latent_run, tmp_path):

@@ -100,7 +100,7 @@ def train_classifier(cfg, resume=False):
     state = resume_state_for(cfg, ClassifierStage, resume)
     train, val = load_splits(cfg)
     batcher = DeviceBatcher(train.images, train.labels, dist.per_rank_batch_size(cfg.classifier_batch_size), device,
-                            flip=True, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size())
+                            flip=cfg.hflip, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size())
     stage = ClassifierStage(cfg, train.class_names, device, val, len(batcher) * cfg.classifier_epochs, run)
     fit(stage, batcher, cfg, run, cfg.classifier_epochs, state)
     if dist.is_main():  # the held-out report, per class, from the best checkpoint

@@ -96,16 +96,16 @@ def train_vae(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     train, val = load_splits(cfg)
     stage = VAEGANStage(cfg, len(train.class_names), cfg.image_size, device, val, run, train.class_names)
     batcher = DeviceBatcher(train.images, train.labels, dist.per_rank_batch_size(cfg.vae_batch_size), device,
-                            flip=True, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size())
+                            flip=cfg.hflip, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size())
     fit(stage, batcher, cfg, run, total_epochs or cfg.vae_epochs, state, max_minutes=cfg.vae_minutes)
     return run
 
 
 def _latent_data(cfg, device, train, val, resumed=None):
-    """Encode the training images and their mirror images once with the trained VAE; batches
-    then hold (mean, logvar) so each step draws a fresh posterior sample. `resumed` (a denoiser
-    checkpoint's stage): its own VAE and standardization, whatever the folder's VAE is now (it may
-    have been trained on, or the run continues into another --results_dir)."""
+    """Encode the training images (and, with hflip, their mirror images) once with the trained
+    VAE; batches then hold (mean, logvar) so each step draws a fresh posterior sample. `resumed` (a
+    denoiser checkpoint's stage): its own VAE and standardization, whatever the folder's VAE is now
+    (it may have been trained on, or the run continues into another --results_dir)."""
     from models import build_vae
     from pipeline import encode_images, load_vae_state
     from training.denoiser import latent_standardization
@@ -117,17 +117,18 @@ def _latent_data(cfg, device, train, val, resumed=None):
     vae = build_vae(cfg, len(train.class_names), cfg.image_size)
     vae.load_state_dict(weights)
     vae.to(device).eval().requires_grad_(False)
+    views = (False, True) if cfg.hflip else (False,)
     if dist.is_main():
-        print(f"encoding {len(train.images)} training images (and mirrors) with {path}", file=sys.stderr)
-    mean, logvar = encode_images(vae, train.images, device)
-    mean_f, logvar_f = encode_images(vae, train.images, device, flip=True)
-    latents = torch.cat([torch.cat([mean, logvar], 1), torch.cat([mean_f, logvar_f], 1)])
-    labels = torch.cat([train.labels, train.labels])
+        print(f"encoding {len(train.images)} training images{' (and mirrors)' if cfg.hflip else ''} with {path}",
+              file=sys.stderr)
+    encoded = [encode_images(vae, train.images, device, flip=flip) for flip in views]
+    latents = torch.cat([torch.cat([mean, logvar], 1) for mean, logvar in encoded])
+    labels = train.labels.repeat(len(views))
     # Standardize what the denoiser sees: posterior samples, not means (a barely trained VAE
     # has wide posteriors).
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     sample = lambda m, lv: m + torch.randn(m.shape, generator=g).to(m.device) * torch.exp(0.5 * lv)  # noqa: E731
-    shift, scale = latent_standardization(torch.cat([sample(mean, logvar), sample(mean_f, logvar_f)]))
+    shift, scale = latent_standardization(torch.cat([sample(mean, logvar) for mean, logvar in encoded]))
     if resumed is not None:
         shift, scale = resumed["latent_shift"].to(shift.device), resumed["latent_scale"].to(scale.device)
     val_mean, val_logvar = encode_images(vae, val.images, device)
@@ -150,7 +151,7 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
         shape = (shape[0] // 2,) + tuple(shape[1:])
         stage = DenoiserStage(cfg, train.class_names, shape, device, val_x, val.labels, run, vae, shift, scale)
     else:
-        batcher = DeviceBatcher(train.images, train.labels, per_rank, device, flip=True, seed=cfg.seed,
+        batcher = DeviceBatcher(train.images, train.labels, per_rank, device, flip=cfg.hflip, seed=cfg.seed,
                                 rank=dist.rank(), world_size=dist.world_size())
         stage = DenoiserStage(cfg, train.class_names, train.images.shape[1:], device, to_float(val.images),
                               val.labels, run)
