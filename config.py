@@ -302,6 +302,12 @@ def validate(cfg):
         (cfg.loss in ("mse", "balanced"), f"unknown --loss {cfg.loss!r}; choose mse or balanced"),
         (cfg.timestep_sampling in ("uniform", "adaptive"), f"unknown --timestep_sampling {cfg.timestep_sampling!r}"),
         (cfg.patience >= 0, f"--patience must not be negative, got {cfg.patience}"),
+        (min(cfg.base_channels, cfg.vae_base_channels, cfg.disc_channels, cfg.latent_channels,
+             cfg.transformer_width, cfg.num_heads, cfg.transformer_heads) > 0, "widths and head counts must be positive"),
+        (cfg.model == "transformer" or not cfg.attention_resolutions or cfg.base_channels % cfg.num_heads == 0,
+         f"--base_channels {cfg.base_channels} does not split into {cfg.num_heads} attention heads"),
+        (cfg.model != "transformer" or cfg.transformer_width % cfg.transformer_heads == 0,
+         f"--transformer_width {cfg.transformer_width} does not split into {cfg.transformer_heads} heads"),
         (cfg.attention in ("linear", "softmax"), f"unknown --attention {cfg.attention!r}; choose linear or softmax"),
         (cfg.amp in AMP_MODES, f"unknown --amp {cfg.amp!r}"),
     ]

@@ -18,11 +18,17 @@ class LayerNorm2d(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+def group_count(channels):
+    """GroupNorm groups: up to 32 of at least 4 channels each, cut to a divisor of the width (a
+    UNet of width 48 concatenates 144-channel skips)."""
+    return math.gcd(min(32, channels // 4) if channels >= 8 else 1, channels)
+
+
 def make_norm(kind, channels):
     if kind == "layer":
         return LayerNorm2d(channels)
     if kind == "group":
-        return nn.GroupNorm(min(32, channels // 4) if channels >= 8 else 1, channels)
+        return nn.GroupNorm(group_count(channels), channels)
     raise ValueError(f"unknown norm {kind!r}")
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.blocks import Downsample, LayerNorm2d, ResBlock, SelfAttention2d, Upsample
+from models.blocks import Downsample, LayerNorm2d, ResBlock, SelfAttention2d, Upsample, group_count
 
 
 class AttentionVAE(nn.Module):
@@ -75,7 +75,7 @@ class PatchDiscriminator(nn.Module):
         for i in range(1, num_layers):
             stride = 2 if i < num_layers - 1 else 1
             layers += [nn.Conv2d(ch, ch * 2, 4, stride=stride, padding=1),
-                       nn.GroupNorm(min(32, ch * 2 // 4), ch * 2), nn.LeakyReLU(0.2)]
+                       nn.GroupNorm(group_count(ch * 2), ch * 2), nn.LeakyReLU(0.2)]
             ch *= 2
         layers.append(nn.Conv2d(ch, 1, 4, stride=1, padding=1))
         self.net = nn.Sequential(*layers)

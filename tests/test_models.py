@@ -6,7 +6,7 @@ import torch
 from config import Config, PRESETS
 from errors import UserError
 from models import build_denoiser, build_vae
-from models.blocks import LayerNorm2d, SelfAttention2d
+from models.blocks import LayerNorm2d, SelfAttention2d, group_count
 from models.vae import PatchDiscriminator
 from training.vae_gan import CenterLoss, load_vgg16, loss_weights
 
@@ -17,6 +17,20 @@ def test_layernorm2d_normalises_each_pixel_over_channels():
     assert torch.allclose(y.mean(1), torch.zeros(2, 5, 5), atol=1e-5)
     assert torch.allclose(y.var(1, unbiased=False), torch.ones(2, 5, 5), atol=1e-3)
     assert not torch.allclose(y.mean((2, 3)), torch.zeros(2, 8), atol=1e-2)  # not InstanceNorm
+
+
+def test_group_count_divides_any_width_and_keeps_the_usual_ones():
+    assert [group_count(c) for c in (4, 32, 64, 128, 192, 256, 512)] == [1, 8, 16, 32, 32, 32, 32]
+    for c in range(1, 400):
+        assert c % group_count(c) == 0 and 1 <= group_count(c) <= 32
+
+
+@pytest.mark.parametrize("width", [40, 48, 96])
+def test_unet_builds_and_runs_at_widths_off_the_powers_of_two(width):
+    cfg = Config(**{**PRESETS["cpu"], "base_channels": width})  # width 48: 144-channel skip concatenations
+    net = build_denoiser(cfg, 2, 8, 8)
+    x, t, y = torch.randn(2, 8, 8, 8), torch.tensor([3, 900]), torch.tensor([0, 1])
+    assert net(x, t, y).shape == x.shape
 
 
 def test_self_attention_mixes_positions():
