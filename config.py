@@ -93,6 +93,7 @@ class Config:
     diffusion_minutes: float | None = None
     batch_size: int = 128
     lr: float = 2e-4
+    lr_schedule: str = "constant"         # constant | cosine (down to 0 over diffusion_epochs)
     weight_decay: float = 0.0
     warmup_steps: int = 500
     ema_decay: float = 0.999
@@ -291,8 +292,9 @@ def validate(cfg):
         (all(m is None or m > 0 for m in (cfg.vae_minutes, cfg.diffusion_minutes)),
          "--minutes, --vae_minutes and --diffusion_minutes must be positive"),
         (cfg.vae_grad_clip >= 0, "--vae_grad_clip must not be negative (0: off)"),
-        (cfg.vae_lr_schedule in LR_SCHEDULES,
-         f"unknown --vae_lr_schedule {cfg.vae_lr_schedule!r}; choose {', '.join(LR_SCHEDULES)}"),
+        *((getattr(cfg, name) in LR_SCHEDULES,
+           f"unknown --{name} {getattr(cfg, name)!r}; choose {', '.join(LR_SCHEDULES)}")
+          for name in ("vae_lr_schedule", "lr_schedule")),
         (cfg.vae_res_blocks >= 0, f"--vae_res_blocks must not be negative, got {cfg.vae_res_blocks}"),
         (cfg.vae_epochs >= 0 and cfg.diffusion_epochs >= 0, "epochs must not be negative"),
         (cfg.subset is None or cfg.subset > 0, f"--subset must be positive, got {cfg.subset}"),

@@ -77,7 +77,10 @@ def parse_args(argv=None):
     g.add_argument("--patience", type=int, help="early stopping: epochs without a better held-out metric "
                                                 "(default 10; 0 never stops)")
     g.add_argument("--ema_decay", type=float)
-    g.add_argument("--warmup_steps", type=int)
+    g.add_argument("--warmup_steps", type=int, help="denoiser lr: linear warm-up over this many steps")
+    g.add_argument("--lr_schedule", choices=LR_SCHEDULES,
+                   help="denoiser lr after the warm-up: constant (default) or cosine, down to 0 over "
+                        "--diffusion_epochs (with --train_diffusion, --epochs)")
     g.add_argument("--weight_decay", type=float)
     g.add_argument("--dropout", type=float)
     g = p.add_argument_group("evaluation")

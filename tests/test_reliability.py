@@ -194,16 +194,25 @@ def test_vae_resume_at_epoch_boundary_gives_same_losses(data, tmp_path):
     assert_same_tensors(ours["stage"], theirs["stage"], "stage")
 
 
-def test_vae_cosine_lr_follows_its_closed_form_and_resumes_mid_epoch(data, tmp_path, monkeypatch):
-    """--vae_lr_schedule cosine: the lr is a half cosine of the fractional epoch over --epochs, so
-    a run stopped by SIGINT inside epoch 2 and resumed ends where the uninterrupted run ends."""
+@pytest.mark.parametrize("stage", ["vae_gan", STAGE])
+def test_cosine_lr_follows_its_closed_form_and_resumes_mid_epoch(data, tmp_path, monkeypatch, stage):
+    """--vae_lr_schedule / --lr_schedule cosine: the lr is a half cosine of the fractional epoch
+    over --epochs, so a run stopped by SIGINT inside epoch 2 and resumed ends where the
+    uninterrupted run ends."""
+    from training.denoiser import DenoiserStage
     from training.vae_gan import VAEGANStage
-    vae = ["--train_vae", "--dataset", "folder", "--preset", "tiny", "--batch_size", "4", "--image_size", "16",
-           "--perceptual_weight", "0", "--picture_every", "1000", "--seed", "3", "--data_root", data,
-           "--vae_lr_schedule", "cosine", "--lr", "1e-3", "--epochs", "2"]
+    if stage == STAGE:
+        stage_class, optimizers = DenoiserStage, ("opt",)
+        args = [*RUN, "--data_root", data, "--lr_schedule", "cosine", "--warmup_steps", "1"]
+    else:
+        stage_class, optimizers = VAEGANStage, ("opt_g", "opt_d")
+        args = ["--train_vae", "--dataset", "folder", "--preset", "tiny", "--batch_size", "4", "--image_size", "16",
+                "--perceptual_weight", "0", "--picture_every", "1000", "--seed", "3", "--data_root", data,
+                "--vae_lr_schedule", "cosine"]
+    args += ["--lr", "1e-3", "--epochs", "2"]
     once, twice = tmp_path / "uninterrupted", tmp_path / "resumed"
-    assert train_in_process([*vae, "--results_dir", once]) == 0
-    real_step, calls = VAEGANStage.train_step, []
+    assert train_in_process([*args, "--results_dir", once]) == 0
+    real_step, calls = stage_class.train_step, []
 
     def step_then_signal(self, x, y, epoch):
         calls.append(epoch)
@@ -211,17 +220,18 @@ def test_vae_cosine_lr_follows_its_closed_form_and_resumes_mid_epoch(data, tmp_p
             os.kill(os.getpid(), signal.SIGINT)
         return real_step(self, x, y, epoch)
 
-    monkeypatch.setattr(VAEGANStage, "train_step", step_then_signal)
-    assert train_in_process([*vae, "--results_dir", twice]) == 130
-    assert load(twice / "vae_gan_last.pt")["batch_in_epoch"] == 2
-    monkeypatch.setattr(VAEGANStage, "train_step", real_step)
-    assert train_in_process([*vae, "--results_dir", twice, "--resume"]) == 0
-    assert_same_losses(once, twice, 2, names=None, stage="vae_gan")
-    ours, theirs = load(twice / "vae_gan_last.pt"), load(once / "vae_gan_last.pt")
+    monkeypatch.setattr(stage_class, "train_step", step_then_signal)
+    assert train_in_process([*args, "--results_dir", twice]) == 130
+    assert load(twice / f"{stage}_last.pt")["batch_in_epoch"] == 2
+    monkeypatch.setattr(stage_class, "train_step", real_step)
+    assert train_in_process([*args, "--results_dir", twice, "--resume"]) == 0
+    assert_same_losses(once, twice, 2, names=None, stage=stage)
+    ours, theirs = load(twice / f"{stage}_last.pt"), load(once / f"{stage}_last.pt")
     assert_same_tensors(ours["stage"], theirs["stage"], "stage")
-    steps = theirs["step"] // 2  # per epoch; the last step ran at fractional epoch 1 + (steps - 1) / steps
+    # The saved lr is the one set from the last step's fractional epoch, 1 + (steps - 1) / steps.
+    steps = theirs["step"] // 2
     expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * (1 + (steps - 1) / steps) / 2))
-    for opt in ("opt_g", "opt_d"):
+    for opt in optimizers:
         assert math.isclose(theirs["stage"][opt]["param_groups"][0]["lr"], expected, rel_tol=1e-6)
 
 

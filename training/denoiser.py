@@ -8,7 +8,7 @@ from diffusion.objective import DiffusionLoss
 from models import build_denoiser
 from pipeline import Pipeline, make_schedule
 from training import distributed as dist
-from training.optim import autocast, grads_finite_step, make_ema, make_optimizer, warmup_schedule
+from training.optim import autocast, grads_finite_step, lr_factor, make_ema, make_optimizer, warmup_schedule
 
 
 def latent_standardization(means):
@@ -37,7 +37,11 @@ class DenoiserStage:
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.opt = make_optimizer(self.model.parameters(), cfg.lr, cfg.weight_decay, device=device)
-        self.sched = warmup_schedule(self.opt, cfg.warmup_steps)
+        # --lr_schedule: a function of the fractional epoch just trained (of --diffusion_epochs), like
+        # the VAE's, so a resumed run follows it exactly; the optimizer's saved lr is the next step's.
+        self.progress = 0.0
+        self.sched = warmup_schedule(self.opt, cfg.warmup_steps,
+                                     lambda: lr_factor(cfg.lr_schedule, self.progress))
         self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         self.schedule = make_schedule(cfg)
         self.loss_fn = DiffusionLoss(self.schedule, cfg.prediction, cfg.loss_weighting, terms=cfg.loss,
@@ -61,6 +65,7 @@ class DenoiserStage:
         return (z - self.latent_shift) / self.latent_scale
 
     def train_step(self, x, y, epoch):
+        self.progress = epoch / max(self.cfg.diffusion_epochs, 1)
         x0 = self.prepare(x)
         if self.device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)

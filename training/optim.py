@@ -11,8 +11,11 @@ def make_optimizer(params, lr, weight_decay=0.0, betas=(0.9, 0.999), device=None
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
 
 
-def warmup_schedule(optimizer, warmup_steps):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)))
+def warmup_schedule(optimizer, warmup_steps, decay=lambda: 1.0):
+    """Linear warm-up over `warmup_steps` optimizer steps, times `decay()`: the lr schedule's
+    factor, read when the scheduler steps (after each optimizer step) to set the next step's lr."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             lambda s: min(1.0, (s + 1) / max(warmup_steps, 1)) * decay())
 
 
 LR_SCHEDULES = ("constant", "cosine")
