@@ -3,7 +3,7 @@ distance and KID in the real-data classifier's features) for every sampler:steps
 asked for, on the same labels and seeds, with the real features computed once.
 
     python bench/sampling_sweep.py --results_dir RUN --samplers dpmpp:20,ddim:50 --guidance 1,2,3 \
-        --num_samples 2000 --out bench/results/NAME.json
+        [--guidance_schedules constant,linear] --num_samples 2000 --out bench/results/NAME.json
 """
 import argparse
 import json
@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import AMP_MODES  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
+from diffusion.guidance import GUIDANCE_SCHEDULES  # noqa: E402
 from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier  # noqa: E402
 from pipeline import load_pipeline  # noqa: E402
 from training.run import device_name, git_commit  # noqa: E402
@@ -28,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--results_dir", required=True)
     p.add_argument("--samplers", default="dpmpp:20", help="comma-separated sampler:steps")
     p.add_argument("--guidance", default="2", help="comma-separated guidance scales")
+    p.add_argument("--guidance_schedules", help="comma-separated guidance schedules (default: the run's)")
     p.add_argument("--num_samples", type=int, default=2000)
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -50,6 +52,14 @@ def sampler_specs(text):
     return specs
 
 
+def guidance_schedules(text):
+    names = text.split(",")
+    for name in names:
+        if name not in GUIDANCE_SCHEDULES:
+            raise UserError(f"--guidance_schedules: {name!r} is not one of {', '.join(GUIDANCE_SCHEDULES)}")
+    return names
+
+
 def main(argv=None):
     args = parse_args(argv)
     specs = sampler_specs(args.samplers)
@@ -58,21 +68,25 @@ def main(argv=None):
                          overrides=argparse.Namespace(amp=args.amp))
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
                              pipe.num_classes)
+    schedules = guidance_schedules(args.guidance_schedules or pipe.cfg.guidance_schedule)
     labels = balanced_labels(args.num_samples, pipe.num_classes)
     rows = []
-    for sampler, steps in specs:
-        for scale in (float(g) for g in args.guidance.split(",")):
-            t0 = time.time()
-            images = to_uint8(pipe.sample_batched(labels, batch_size=args.batch_size, seed=args.seed,
-                                                  sampler=sampler, steps=steps, guidance_scale=scale))
-            seconds = time.time() - t0
-            metrics = offline(images, labels, memorization=False)
-            rows.append({"sampler": sampler, "steps": steps, "guidance_scale": scale,
-                         "sampling_seconds": seconds, **metrics})
-            print(f"{sampler:>6s} {steps:>4d} steps  guidance {scale:<4g}  accuracy {metrics['sample_accuracy']:.3f} "
-                  f"(ratio {metrics['accuracy_ratio']:.3f}, per class "
-                  f"{', '.join(f'{a:.3f}' for a in metrics['sample_accuracy_per_class'])})  "
-                  f"FD {metrics['classifier_fd']:.3f}  KID {metrics['classifier_kid']:.4f}  {seconds:.0f} s", flush=True)
+    settings = [(sampler, steps, float(scale), schedule) for sampler, steps in specs
+                for scale in args.guidance.split(",") for schedule in schedules]
+    for sampler, steps, scale, schedule in settings:
+        t0 = time.time()
+        images = to_uint8(pipe.sample_batched(labels, batch_size=args.batch_size, seed=args.seed,
+                                              sampler=sampler, steps=steps, guidance_scale=scale,
+                                              guidance_schedule=schedule))
+        seconds = time.time() - t0
+        metrics = offline(images, labels, memorization=False)
+        rows.append({"sampler": sampler, "steps": steps, "guidance_scale": scale, "guidance_schedule": schedule,
+                     "sampling_seconds": seconds, **metrics})
+        print(f"{sampler:>6s} {steps:>4d} steps  guidance {scale:<4g} {schedule:<8s}  "
+              f"accuracy {metrics['sample_accuracy']:.3f} "
+              f"(ratio {metrics['accuracy_ratio']:.3f}, per class "
+              f"{', '.join(f'{a:.3f}' for a in metrics['sample_accuracy_per_class'])})  "
+              f"FD {metrics['classifier_fd']:.3f}  KID {metrics['classifier_kid']:.4f}  {seconds:.0f} s", flush=True)
     report = {"run": os.path.basename(os.path.normpath(args.results_dir)), "num_samples": args.num_samples,
               "seed": args.seed, "weights": "raw" if args.no_ema else "ema", "amp": pipe.cfg.amp,
               "device": device_name(device), "commit": git_commit()[0],

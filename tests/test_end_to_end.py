@@ -166,6 +166,15 @@ def test_sampling_sweep_scores_every_setting_with_either_weights(latent_run, rea
     assert run_main(sampling_sweep.main, base + ["--out", out["ema"]]) == 0
     assert run_main(sampling_sweep.main, base + ["--out", out["raw"], "--no_ema"]) == 0
     assert run_main(sampling_sweep.main, base + ["--out", out["bf16"], "--amp", "bf16"]) == 0
+    # Guidance schedules: the run's (constant) by default, or those asked for, under each scale.
+    schedules = str(tmp_path / "schedules.json")
+    assert run_main(sampling_sweep.main, base + ["--samplers", "dpmpp:3", "--guidance_schedules", "constant,linear",
+                                                 "--out", schedules]) == 0
+    rows = json.load(open(schedules))["rows"]
+    assert [(r["guidance_scale"], r["guidance_schedule"]) for r in rows] == [
+        (1.0, "constant"), (1.0, "linear"), (2.0, "constant"), (2.0, "linear")]
+    assert rows[0]["classifier_fd"] == rows[1]["classifier_fd"]  # at scale 1 a schedule has nothing to scale
+    assert rows[2]["classifier_fd"] != rows[3]["classifier_fd"]
     reports = {w: json.load(open(path)) for w, path in out.items()}
     assert [reports[w]["weights"] for w in out] == ["ema", "raw", "ema"]
     assert [reports[w]["amp"] for w in out] == ["auto", "auto", "bf16"]  # the run's, or the one asked for
@@ -179,6 +188,8 @@ def test_sampling_sweep_scores_every_setting_with_either_weights(latent_run, rea
     capsys.readouterr()
     assert run_main(sampling_sweep.main, base + ["--samplers", "dpmpp:x"]) == 2
     assert "--samplers" in capsys.readouterr().err
+    assert run_main(sampling_sweep.main, base + ["--guidance_schedules", "cosine"]) == 2
+    assert "--guidance_schedules" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["unet", "attn_unet", "transformer"])
