@@ -6,6 +6,10 @@ import json
 import os
 from dataclasses import dataclass
 
+from diffusion.guidance import GUIDANCE_SCHEDULES
+from diffusion.objective import LOSS_WEIGHTINGS, PREDICTIONS
+from diffusion.samplers import SAMPLERS
+from diffusion.schedule import SCHEDULES
 from errors import UserError
 
 DENOISERS = ("latent_unet", "unet", "attn_unet", "transformer")
@@ -226,10 +230,10 @@ def add_common_args(parser):
 
 def add_sampling_args(parser):
     g = parser.add_argument_group("sampling")
-    g.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp"))
+    g.add_argument("--sampler", choices=SAMPLERS)
     g.add_argument("--steps", type=int, help="sampling steps (network evaluations)")
     g.add_argument("--guidance_scale", type=float, help="classifier-free guidance; 1 = none, 0 = unconditional")
-    g.add_argument("--guidance_schedule", choices=("constant", "linear", "adaptive"))
+    g.add_argument("--guidance_schedule", choices=GUIDANCE_SCHEDULES)
     return parser
 
 
@@ -276,15 +280,14 @@ RUNTIME_FIELDS = {"results_dir", "data_root", "device", "seed", "download", "amp
 
 def validate(cfg):
     from data import dataset_names, default_image_size  # late import: data imports nothing from here
-    from diffusion.objective import PREDICTIONS
-    from diffusion.schedule import SCHEDULES
     from training.optim import LR_SCHEDULES
     checks = [
         (cfg.dataset in dataset_names(), f"unknown dataset {cfg.dataset!r}; choose from {', '.join(dataset_names())}"),
         (cfg.model in DENOISERS, f"unknown model {cfg.model!r}; choose from {', '.join(DENOISERS)}"),
         (cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}; choose {', '.join(SCHEDULES)}"),
-        (cfg.prediction in PREDICTIONS, f"unknown prediction {cfg.prediction!r}"),
-        (cfg.sampler in ("ddpm", "ddim", "dpmpp"), f"unknown sampler {cfg.sampler!r}; choose ddpm, ddim or dpmpp"),
+        *((getattr(cfg, name) in choices, f"unknown --{name} {getattr(cfg, name)!r}; choose {', '.join(choices)}")
+          for name, choices in (("prediction", PREDICTIONS), ("loss_weighting", LOSS_WEIGHTINGS),
+                                ("sampler", SAMPLERS), ("guidance_schedule", GUIDANCE_SCHEDULES))),
         (cfg.timesteps >= 2, "--timesteps must be at least 2"),
         (1 <= cfg.steps <= cfg.timesteps, f"--steps must be between 1 and {cfg.timesteps}, got {cfg.steps}"),
         (0 <= cfg.guidance_scale <= 50, f"--guidance_scale must be between 0 and 50, got {cfg.guidance_scale}"),

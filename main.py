@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from config import ArgumentParser, add_common_args, add_sampling_args, build_config
-from diffusion.objective import PREDICTIONS
+from diffusion.objective import LOSS_WEIGHTINGS, PREDICTIONS
 from diffusion.schedule import SCHEDULES
 from errors import UserError, run_main
 from training.optim import LR_SCHEDULES
@@ -68,7 +68,7 @@ def parse_args(argv=None):
                    help="noise schedule (default cosine; edm: EDM's log-normal training noise levels)")
     g.add_argument("--timesteps", type=int)
     g.add_argument("--prediction", choices=PREDICTIONS)
-    g.add_argument("--loss_weighting", choices=("uniform", "min_snr"))
+    g.add_argument("--loss_weighting", choices=LOSS_WEIGHTINGS)
     g.add_argument("--label_dropout", type=float, help="null-label probability for guidance (default 0.1)")
     g.add_argument("--loss", choices=("mse", "balanced"),
                    help="mse, or S2's balanced loss (MSE, L1, cosine, Laplacian, Sobel by noise level)")

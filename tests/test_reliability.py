@@ -533,3 +533,8 @@ def test_checkpoint_of_another_model_or_dataset_is_refused_by_name(data, referen
     config["base_channels"] = 32
     (copy / "config.json").write_text(json.dumps(config))
     refused(main, ["--train_diffusion", "--resume", "--results_dir", copy, "--epochs", "3"], "base_channels", "16", "32")
+    # A run config edited by hand to a guidance schedule that does not exist.
+    config["base_channels"], config["guidance_schedule"] = 16, "cosine"
+    (copy / "config.json").write_text(json.dumps(config))
+    refused(main, ["--train_diffusion", "--resume", "--results_dir", copy, "--epochs", "3"],
+            "guidance_schedule", "cosine", "linear")
