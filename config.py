@@ -284,10 +284,11 @@ def validate(cfg):
     checks = [
         (cfg.dataset in dataset_names(), f"unknown dataset {cfg.dataset!r}; choose from {', '.join(dataset_names())}"),
         (cfg.model in DENOISERS, f"unknown model {cfg.model!r}; choose from {', '.join(DENOISERS)}"),
-        (cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}; choose {', '.join(SCHEDULES)}"),
         *((getattr(cfg, name) in choices, f"unknown --{name} {getattr(cfg, name)!r}; choose {', '.join(choices)}")
-          for name, choices in (("prediction", PREDICTIONS), ("loss_weighting", LOSS_WEIGHTINGS),
-                                ("sampler", SAMPLERS), ("guidance_schedule", GUIDANCE_SCHEDULES))),
+          for name, choices in (("schedule", SCHEDULES), ("prediction", PREDICTIONS),
+                                ("loss_weighting", LOSS_WEIGHTINGS), ("sampler", SAMPLERS),
+                                ("guidance_schedule", GUIDANCE_SCHEDULES), ("vae_lr_schedule", LR_SCHEDULES),
+                                ("lr_schedule", LR_SCHEDULES))),
         (cfg.timesteps >= 2, "--timesteps must be at least 2"),
         (1 <= cfg.steps <= cfg.timesteps, f"--steps must be between 1 and {cfg.timesteps}, got {cfg.steps}"),
         (0 <= cfg.guidance_scale <= 50, f"--guidance_scale must be between 0 and 50, got {cfg.guidance_scale}"),
@@ -296,9 +297,6 @@ def validate(cfg):
         (all(m is None or m > 0 for m in (cfg.vae_minutes, cfg.diffusion_minutes)),
          "--minutes, --vae_minutes and --diffusion_minutes must be positive"),
         (cfg.vae_grad_clip >= 0, "--vae_grad_clip must not be negative (0: off)"),
-        *((getattr(cfg, name) in LR_SCHEDULES,
-           f"unknown --{name} {getattr(cfg, name)!r}; choose {', '.join(LR_SCHEDULES)}")
-          for name in ("vae_lr_schedule", "lr_schedule")),
         (cfg.vae_res_blocks >= 0, f"--vae_res_blocks must not be negative, got {cfg.vae_res_blocks}"),
         (cfg.vae_epochs >= 0 and cfg.diffusion_epochs >= 0, "epochs must not be negative"),
         (cfg.subset is None or cfg.subset > 0, f"--subset must be positive, got {cfg.subset}"),
