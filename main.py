@@ -3,9 +3,10 @@ import argparse
 import sys
 
 from config import ArgumentParser, add_common_args, add_sampling_args, build_config
-from diffusion.objective import LOSS_WEIGHTINGS, PREDICTIONS
+from diffusion.objective import LOSS_TERMS, LOSS_WEIGHTINGS, PREDICTIONS, TIMESTEP_SAMPLINGS
 from diffusion.schedule import SCHEDULES
 from errors import UserError, run_main
+from models.transformer import ATTENTION_KINDS
 from training.optim import LR_SCHEDULES
 
 
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     g.add_argument("--adv_ramp_epochs", type=int)
     g = p.add_argument_group("denoiser")
     g.add_argument("--base_channels", type=int, help="UNet width")
-    g.add_argument("--attention", choices=("linear", "softmax"), help="transformer attention (default linear)")
+    g.add_argument("--attention", choices=ATTENTION_KINDS, help="transformer attention (default linear)")
     g.add_argument("--transformer_width", type=int)
     g.add_argument("--transformer_depth", type=int)
     g.add_argument("--patch_size", type=int)
@@ -70,9 +71,9 @@ def parse_args(argv=None):
     g.add_argument("--prediction", choices=PREDICTIONS)
     g.add_argument("--loss_weighting", choices=LOSS_WEIGHTINGS)
     g.add_argument("--label_dropout", type=float, help="null-label probability for guidance (default 0.1)")
-    g.add_argument("--loss", choices=("mse", "balanced"),
+    g.add_argument("--loss", choices=LOSS_TERMS,
                    help="mse, or S2's balanced loss (MSE, L1, cosine, Laplacian, Sobel by noise level)")
-    g.add_argument("--timestep_sampling", choices=("uniform", "adaptive"),
+    g.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLINGS,
                    help="adaptive: importance-sample noise levels by their loss")
     g.add_argument("--patience", type=int, help="early stopping: epochs without a better held-out metric "
                                                 "(default 10; 0 never stops)")

@@ -4,6 +4,8 @@ import torch
 
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
+LOSS_TERMS = ("mse", "balanced")
+TIMESTEP_SAMPLINGS = ("uniform", "adaptive")
 
 
 def to_x0_eps(output, x_t, alpha, sigma, prediction):
