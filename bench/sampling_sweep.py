@@ -19,6 +19,7 @@ from config import AMP_MODES  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
 from diffusion.guidance import GUIDANCE_SCHEDULES  # noqa: E402
+from diffusion.samplers import SAMPLERS  # noqa: E402
 from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier  # noqa: E402
 from pipeline import load_pipeline  # noqa: E402
 from training.run import device_name, git_commit  # noqa: E402
@@ -46,10 +47,17 @@ def sampler_specs(text):
     specs = []
     for spec in text.split(","):
         sampler, _, steps = spec.partition(":")
-        if sampler not in ("ddpm", "ddim", "dpmpp") or not steps.isdigit() or int(steps) < 1:
-            raise UserError(f"--samplers: {spec!r} is not sampler:steps with sampler ddpm, ddim or dpmpp")
+        if sampler not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise UserError(f"--samplers: {spec!r} is not sampler:steps with sampler {', '.join(SAMPLERS)}")
         specs.append((sampler, int(steps)))
     return specs
+
+
+def guidance_scales(text):
+    try:
+        return [float(g) for g in text.split(",")]
+    except ValueError:
+        raise UserError(f"--guidance: {text!r} is not comma-separated numbers") from None
 
 
 def guidance_schedules(text):
@@ -62,17 +70,19 @@ def guidance_schedules(text):
 
 def main(argv=None):
     args = parse_args(argv)
-    specs = sampler_specs(args.samplers)
+    specs = sampler_specs(args.samplers)  # bad input fails here, before the run is loaded
+    scales = guidance_scales(args.guidance)
+    asked_schedules = guidance_schedules(args.guidance_schedules) if args.guidance_schedules else None
     device = torch.device(args.device)
     pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema,
                          overrides=argparse.Namespace(amp=args.amp))
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
                              pipe.num_classes)
-    schedules = guidance_schedules(args.guidance_schedules or pipe.cfg.guidance_schedule)
+    schedules = asked_schedules or [pipe.cfg.guidance_schedule]
     labels = balanced_labels(args.num_samples, pipe.num_classes)
     rows = []
-    settings = [(sampler, steps, float(scale), schedule) for sampler, steps in specs
-                for scale in args.guidance.split(",") for schedule in schedules]
+    settings = [(sampler, steps, scale, schedule) for sampler, steps in specs
+                for scale in scales for schedule in schedules]
     for sampler, steps, scale, schedule in settings:
         t0 = time.time()
         images = to_uint8(pipe.sample_batched(labels, batch_size=args.batch_size, seed=args.seed,

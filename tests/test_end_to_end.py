@@ -190,6 +190,8 @@ def test_sampling_sweep_scores_every_setting_with_either_weights(latent_run, rea
     assert "--samplers" in capsys.readouterr().err
     assert run_main(sampling_sweep.main, base + ["--guidance_schedules", "cosine"]) == 2
     assert "--guidance_schedules" in capsys.readouterr().err
+    assert run_main(sampling_sweep.main, base + ["--guidance", "2,strong"]) == 2
+    assert "--guidance" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["unet", "attn_unet", "transformer"])
