@@ -11,10 +11,10 @@ from diffusion.objective import LOSS_TERMS, LOSS_WEIGHTINGS, PREDICTIONS, TIMEST
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import SCHEDULES
 from errors import UserError
+from models import LATENT_DENOISERS, TRANSFORMER_DENOISERS
 from models.transformer import ATTENTION_KINDS
 
-DENOISERS = ("latent_unet", "unet", "attn_unet", "transformer")
-PIXEL_DENOISERS = ("unet", "attn_unet", "transformer")
+DENOISERS = ("latent_unet", "latent_transformer", "unet", "attn_unet", "transformer")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 
 
@@ -131,7 +131,12 @@ class Config:
 
     @property
     def is_latent(self):
-        return self.model == "latent_unet"
+        return self.model in LATENT_DENOISERS
+
+    @property
+    def denoiser_size(self):
+        """The side of what the denoiser sees: the VAE's latent or the image itself."""
+        return self.image_size // 2 ** (len(self.vae_channel_mults) - 1) if self.is_latent else self.image_size
 
 
 # Named presets: overrides applied on top of the dataset recipe.
@@ -192,6 +197,9 @@ MODEL_RECIPES = {
     "unet": dict(base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(), steps=50),
     "attn_unet": dict(base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(16, 8), steps=50),
     "transformer": dict(steps=40),
+    # DiT on the VAE's latents: 2x2 patches of an 8x8 latent are 16 tokens, few enough for softmax
+    # attention through SDPA (patch 1 cost 2.5x the time per step on a CPU: BENCHMARKS.md).
+    "latent_transformer": dict(patch_size=2, attention="softmax"),
 }
 
 
@@ -310,10 +318,16 @@ def validate(cfg):
         (min(cfg.base_channels, cfg.vae_base_channels, cfg.disc_channels, cfg.latent_channels,
              cfg.transformer_width, cfg.num_heads, cfg.transformer_heads) > 0,
          "widths and head counts must be positive"),
-        (cfg.model == "transformer" or not cfg.attention_resolutions or cfg.base_channels % cfg.num_heads == 0,
+        # A zero head count fails the check above; the guards below keep it from dividing by zero.
+        (cfg.model in TRANSFORMER_DENOISERS or not cfg.attention_resolutions or cfg.num_heads <= 0
+         or cfg.base_channels % cfg.num_heads == 0,
          f"--base_channels {cfg.base_channels} does not split into {cfg.num_heads} attention heads"),
-        (cfg.model != "transformer" or cfg.transformer_width % cfg.transformer_heads == 0,
+        (cfg.model not in TRANSFORMER_DENOISERS or cfg.transformer_heads <= 0
+         or cfg.transformer_width % cfg.transformer_heads == 0,
          f"--transformer_width {cfg.transformer_width} does not split into {cfg.transformer_heads} heads"),
+        (cfg.model not in TRANSFORMER_DENOISERS or cfg.transformer_width % 4 == 0,
+         f"--transformer_width {cfg.transformer_width} must be a multiple of 4 (2-D sin-cos positions)"),
+        (cfg.patch_size > 0, f"--patch_size must be positive, got {cfg.patch_size}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -321,6 +335,9 @@ def validate(cfg):
     cfg.image_size = cfg.image_size or default_image_size(cfg.dataset)
     if cfg.image_size is not None and cfg.is_latent and cfg.image_size % 2 ** (len(cfg.vae_channel_mults) - 1):
         raise UserError(f"--image_size {cfg.image_size} is not divisible by the VAE's downsampling")
+    if cfg.image_size is not None and cfg.model in TRANSFORMER_DENOISERS and cfg.denoiser_size % cfg.patch_size:
+        raise UserError(f"--patch_size {cfg.patch_size} does not divide the {cfg.denoiser_size}x{cfg.denoiser_size} "
+                        f"{'latent' if cfg.is_latent else 'image'}")
     return cfg
 
 
