@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from config import DENOISERS, build_config  # noqa: E402
+from config import DENOISERS, PRESETS, build_config  # noqa: E402
 from training.run import device_name, git_commit  # noqa: E402
 from models import build_denoiser, build_vae  # noqa: E402
 from training import denoiser as denoiser_module  # noqa: E402
@@ -177,8 +177,8 @@ class PeakMemory:
 
 # --- models -----------------------------------------------------------------------------------
 
-def model_config(name, compile_model):
-    return build_config(argparse.Namespace(model=name, compile=compile_model or None))
+def model_config(name, compile_model, preset="default"):
+    return build_config(argparse.Namespace(model=name, compile=compile_model or None, preset=preset))
 
 
 def make_stage(cfg, device, network=None):
@@ -326,25 +326,25 @@ def print_table(report):
         return
     print(f"\n{report['device']}, torch {report['torch']}, commit {report['git_commit']}"
           f"{' (dirty)' if report['git_dirty'] else ''}, {report['compute_dtype']}; peak: {report['peak_source']}")
-    print(f"{'model':<17}{'params M':>9}{'batch':>6}{'train img/s':>12}{'(best)':>8}{'GFLOP/img':>10}"
+    print(f"{'model':<20}{'params M':>9}{'batch':>6}{'train img/s':>12}{'(best)':>8}{'GFLOP/img':>10}"
           f"{'TFLOP/s':>9}{'peak':>8}{'MFU %':>7}{'mem MB':>8}")
     for name, r in rows.items():
         t = r["train"]
-        print(f"{name:<17}{r['params'] / 1e6:>9.2f}{t['batch']:>6}{t['images_per_s']:>12.3g}"
+        print(f"{name:<20}{r['params'] / 1e6:>9.2f}{t['batch']:>6}{t['images_per_s']:>12.3g}"
               f"{t['images_per_s_best']:>8.3g}{t['training_gflop_per_image']:>10.2f}"
               f"{t['achieved_tflop_per_s']:>9.3g}{fmt(t['peak_tflop_per_s'], '.3g'):>8}"
               f"{fmt(t['mfu'] and 100 * t['mfu'], '.1f'):>7}{fmt(t['peak_memory_mb'], '.0f'):>8}")
     first = next(iter(rows.values()))["sampling"]
     print(f"\nsampling images/s (ms per step), batch {first['runs'][0]['batch']}, guidance "
           f"{first['guidance_scale']} (network batch {first['network_batch_per_step']}); * = extrapolated")
-    print(f"{'model':<17}" + "".join(f"{f'{s}{n}':>16}" for s, n in SAMPLERS))
+    print(f"{'model':<20}" + "".join(f"{f'{s}{n}':>16}" for s, n in SAMPLERS))
     for name, r in rows.items():
         cells = []
         for run in r["sampling"]["runs"]:
             rate = run["images_per_s"] if run["images_per_s"] is not None else run["images_per_s_extrapolated"]
             star = "" if run["images_per_s"] is not None else "*"
             cells.append(f"{rate:.3g}{star} ({run['ms_per_step']:.0f})")
-        print(f"{name:<17}" + "".join(f"{c:>16}" for c in cells))
+        print(f"{name:<20}" + "".join(f"{c:>16}" for c in cells))
     for note in report["notes"]:
         print(f"note: {note}")
 
@@ -363,6 +363,9 @@ def main():
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); on a busy "
                                                "machine 1 is far steadier than threads that wait on each other")
     p.add_argument("--models", help=f"comma-separated subset of {','.join(DENOISERS)},{REFERENCE}")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="measure each model at this preset's sizes and precision (e.g. cpu: the CPU recipe's "
+                        "widths in bf16) instead of its default size")
     args = p.parse_args()
 
     if args.threads:
@@ -375,25 +378,26 @@ def main():
         p.error(f"unknown --models {', '.join(sorted(unknown))}")
     names = models_to_run([n for n in requested if n != REFERENCE], notes)
     with_reference = REFERENCE in requested
-    s = settings_for(device, args.quick, model_config("unet", args.compile).batch_size)
-    dtype = compute_dtype(device, model_config("unet", args.compile).amp)
+    config_for = lambda name: model_config(name, args.compile, args.preset)  # noqa: E731
+    s = settings_for(device, args.quick, config_for("unet").batch_size)
+    dtype = compute_dtype(device, config_for("unet").amp)
     _, peak_source = peak_flops(device, dtype)
     commit, dirty = git_commit()
     report = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
               "git_commit": commit, "git_dirty": dirty, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name] + sys.argv), "settings": asdict(s),
-              "compile": args.compile, "compute_dtype": str(dtype), "peak_source": peak_source,
+              "compile": args.compile, "preset": args.preset, "compute_dtype": str(dtype), "peak_source": peak_source,
               "load_average_start": os.getloadavg()[0], "models": {}, "notes": notes}
 
     for name in names:
-        report["models"][name] = benchmark_model(name, model_config(name, args.compile), device, s)
+        report["models"][name] = benchmark_model(name, config_for(name), device, s)
     if with_reference:
         try:
             import diffusers
         except ImportError:
             notes.append(f"{REFERENCE} skipped: diffusers is not installed (pip install diffusers)")
         else:
-            cfg = model_config("unet", args.compile)
+            cfg = config_for("unet")
             with torch.device("meta"):  # shapes only
                 ours = parameter_count(build_denoiser(cfg, NUM_CLASSES, 3, cfg.image_size))
             network, layout = diffusers_reference(cfg, ours)
@@ -409,13 +413,14 @@ def main():
         notes.append(f"the machine was busy (load average up to {busiest:.1f} on {os.cpu_count()} cores): "
                      f"CPU timings are contended and noisy")
     if device.type != "cuda":
-        notes.append("CPU MFU is against a measured fp32 matmul (MKL), not a datasheet peak; oneDNN convolutions "
+        notes.append(f"CPU MFU is against a measured {dtype} matmul, not a datasheet peak; oneDNN convolutions "
                      "(which may use Winograd) can beat it, so MFU over 100% is possible")
     if args.quick and s.ddpm_steps != 1000:
         notes.append(f"ddpm1000 is extrapolated from {s.ddpm_steps} measured steps (ms per step is measured)")
 
     out = Path(args.out) if args.out else REPO / "bench" / "results" / (
-        f"{device.type}-{datetime.date.today().isoformat()}{'-quick' if args.quick else ''}.json")
+        f"{device.type}-{datetime.date.today().isoformat()}{'' if args.preset == 'default' else '-' + args.preset}"
+        f"{'-quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)

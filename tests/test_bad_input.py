@@ -58,6 +58,9 @@ CASES = [
     case("main_width_not_split_into_heads", *M, "--model", "attn_unet", "--base_channels", "51",
          contains="--base_channels 51"),
     case("main_width_zero", *M, "--base_channels", "0", contains="widths"),
+    case("main_patch_does_not_divide_latent", *M, "--model", "latent_transformer", "--patch_size", "3",
+         contains="--patch_size 3"),
+    case("main_patch_size_zero", *M, "--model", "transformer", "--patch_size", "0", contains="--patch_size"),
     case("main_vae_res_blocks_negative", *M, "--vae_res_blocks", "-1", contains="--vae_res_blocks"),
     # --- main.py: data
     case("main_missing_data", *M, "--data_root", "{missing}", contains="does not exist"),

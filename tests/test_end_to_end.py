@@ -114,6 +114,29 @@ def test_every_visualize_mode(latent_run, mode):
     assert os.path.getsize(os.path.join(latent_run, expected)) > 1000
 
 
+def test_latent_transformer_trains_on_an_existing_vae(latent_run, cifar10_root, tmp_path):
+    """The DiT recipe: a VAE trained by another run, copied in, and the transformer on its latents."""
+    import shutil
+    run = str(tmp_path / "latent_transformer")
+    os.makedirs(run)
+    for name in ("vae_gan_best.pt", "vae_gan_last.pt"):
+        shutil.copy(os.path.join(latent_run, name), run)
+    assert main.main(["--train_diffusion", "--model", "latent_transformer", "--dataset", "cifar10_catdog",
+                      "--data_root", str(cifar10_root), "--epochs", "1", "--patch_size", "2",
+                      "--results_dir", run] + TINY) == 0
+    state = load_checkpoint(os.path.join(run, "conditional_diffusion_final.pt"))
+    vae = load_checkpoint(os.path.join(latent_run, "vae_gan_best.pt"))["stage"]["vae"]
+    assert state["config"]["model"] == "latent_transformer" and state["config"]["patch_size"] == 2
+    assert all(torch.equal(state["stage"]["vae"][k], v) for k, v in vae.items())  # sampled through that VAE
+    assert state["stage"]["sample_size"] == 8  # 32x32 images, two VAE downsamplings
+    out = str(tmp_path / "gen")
+    assert generate.main(["--results_dir", run, "--class_name", "dog", "--num_samples", "2", "--output_dir", out,
+                          "--device", "cpu"]) == 0
+    images = [imageio.imread(os.path.join(out, "dog", f)) for f in sorted(os.listdir(os.path.join(out, "dog")))]
+    assert len(images) == 2 and images[0].shape == (32, 32, 3)
+    assert visualize.main(["--results_dir", run, "--mode", "latent_space", "--device", "cpu"]) == 0
+
+
 def test_image_folder_dataset_end_to_end(image_folder_root, tmp_path):
     run = str(tmp_path / "folder_run")
     assert main.main(["--train_all", "--dataset", "folder", "--data_root", str(image_folder_root),

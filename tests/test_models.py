@@ -65,11 +65,11 @@ def test_vae_block_attention_off_keeps_only_the_bottleneck_attention():
     assert light(torch.randn(2, 3, 32, 32))[0].shape == (2, 3, 32, 32)
 
 
-@pytest.mark.parametrize("model", ["latent_unet", "unet", "attn_unet"])
+@pytest.mark.parametrize("model", ["latent_unet", "latent_transformer", "unet", "attn_unet"])
 def test_denoisers_keep_shape_and_use_the_label(model):
     cfg = tiny_cfg(model=model, attention_resolutions=(16, 8) if model == "attn_unet" else
-                   ((8, 4) if model == "latent_unet" else ()))
-    channels, size = (4, 8) if model == "latent_unet" else (3, 32)
+                   ((8, 4) if model == "latent_unet" else ()), patch_size=2)
+    channels, size = (4, 8) if model.startswith("latent") else (3, 32)
     net = build_denoiser(cfg, 2, channels, size)
     torch.nn.init.normal_(net.conv_out.weight, std=0.1)  # zero-init output would hide the label
     x, t = torch.randn(2, channels, size, size), torch.tensor([3, 50])
