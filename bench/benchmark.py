@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from config import DENOISERS, PRESETS, build_config  # noqa: E402
+from config import DENOISERS, PRESETS, ArgumentParser, build_config  # noqa: E402
 from training.run import device_name, git_commit  # noqa: E402
 from models import build_denoiser, build_vae  # noqa: E402
 from training import denoiser as denoiser_module  # noqa: E402
@@ -53,11 +53,13 @@ class Settings:
     ddpm_steps: int  # DDPM steps actually run; fewer than 1000 only with --quick (then extrapolated)
 
 
-def settings_for(device, quick, config_batch):
+def settings_for(device, quick, config_batch, train_batch=None):
     if device.type == "cuda":
         batches = dict(train_batch=config_batch, sample_batch=256)
     else:  # CPUs (and MPS) get small batches, so that a --quick run of every model takes minutes
         batches = dict(train_batch=8, sample_batch=2) if quick else dict(train_batch=16, sample_batch=4)
+    if train_batch:
+        batches["train_batch"] = train_batch
     if quick:
         return Settings(**batches, warmup_steps=1 if device.type != "cuda" else 3, repeats=3, steps_per_repeat=2,
                         sample_repeats=1, ddpm_steps=10 if device.type != "cuda" else 100)
@@ -354,7 +356,7 @@ def fmt(value, spec):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
     p.add_argument("--out", help="JSON file (default bench/results/<device>-<date>.json)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and, on CPU, smaller batches; DDPM-1000 "
@@ -363,11 +365,15 @@ def main():
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); on a busy "
                                                "machine 1 is far steadier than threads that wait on each other")
     p.add_argument("--models", help=f"comma-separated subset of {','.join(DENOISERS)},{REFERENCE}")
+    p.add_argument("--train_batch", type=int, help="training batch (default: the config's on CUDA; on CPUs 8 "
+                                                   "with --quick, else 16)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="measure each model at this preset's sizes and precision (e.g. cpu: the CPU recipe's "
                         "widths in bf16) instead of its default size")
     args = p.parse_args()
 
+    if args.train_batch is not None and args.train_batch < 1:
+        p.error("--train_batch must be positive")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
@@ -379,7 +385,7 @@ def main():
     names = models_to_run([n for n in requested if n != REFERENCE], notes)
     with_reference = REFERENCE in requested
     config_for = lambda name: model_config(name, args.compile, args.preset)  # noqa: E731
-    s = settings_for(device, args.quick, config_for("unet").batch_size)
+    s = settings_for(device, args.quick, config_for("unet").batch_size, args.train_batch)
     dtype = compute_dtype(device, config_for("unet").amp)
     _, peak_source = peak_flops(device, dtype)
     commit, dirty = git_commit()
@@ -408,10 +414,11 @@ def main():
             notes.append(f"{REFERENCE}: widths {layout['block_out_channels']}, {result['params'] / ours:.3f}x the "
                          f"parameters of our unet, same batch, loss, optimizer, EMA and sampler")
     report["load_average_end"] = os.getloadavg()[0]
-    busiest = max(report["load_average_start"], report["load_average_end"])
+    # The load at the end counts this process's own threads; only what is beyond them is contention.
+    busiest = max(report["load_average_start"], report["load_average_end"] - torch.get_num_threads())
     if device.type == "cpu" and busiest > (os.cpu_count() or 1) - 0.5:
-        notes.append(f"the machine was busy (load average up to {busiest:.1f} on {os.cpu_count()} cores): "
-                     f"CPU timings are contended and noisy")
+        notes.append(f"the machine was busy (load average up to {busiest:.1f} besides this benchmark, on "
+                     f"{os.cpu_count()} cores): CPU timings are contended and noisy")
     if device.type != "cuda":
         notes.append(f"CPU MFU is against a measured {dtype} matmul, not a datasheet peak; oneDNN convolutions "
                      "(which may use Winograd) can beat it, so MFU over 100% is possible")
