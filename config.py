@@ -198,7 +198,8 @@ MODEL_RECIPES = {
     "attn_unet": dict(base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(16, 8), steps=50),
     "transformer": dict(steps=40),
     # DiT on the VAE's latents: 2x2 patches of an 8x8 latent are 16 tokens, few enough for softmax
-    # attention through SDPA (patch 1 cost 2.5x the time per step on a CPU: BENCHMARKS.md).
+    # attention through SDPA (patch 1 cost 3.5x per step on a CPU and scored far worse in the same
+    # 16 minutes: BENCHMARKS.md).
     "latent_transformer": dict(patch_size=2, attention="softmax"),
 }
 

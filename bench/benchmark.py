@@ -310,17 +310,6 @@ def measure_sampling(stage, cfg, device, s):
 
 # --- run and report ---------------------------------------------------------------------------
 
-def models_to_run(names, notes):
-    names = list(names)
-    if "transformer" in names:
-        try:
-            import models.transformer  # noqa: F401
-        except Exception as e:  # another engineer's module, possibly unfinished
-            names.remove("transformer")
-            notes.append(f"transformer skipped: models/transformer.py does not import ({type(e).__name__}: {e})")
-    return names
-
-
 def print_table(report):
     rows = report["models"]
     if not rows:
@@ -382,7 +371,7 @@ def main():
     unknown = set(requested) - {*DENOISERS, REFERENCE}
     if unknown:
         p.error(f"unknown --models {', '.join(sorted(unknown))}")
-    names = models_to_run([n for n in requested if n != REFERENCE], notes)
+    names = [n for n in requested if n != REFERENCE]
     with_reference = REFERENCE in requested
     config_for = lambda name: model_config(name, args.compile, args.preset)  # noqa: E731
     s = settings_for(device, args.quick, config_for("unet").batch_size, args.train_batch)
