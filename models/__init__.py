@@ -29,5 +29,5 @@ def build_denoiser(cfg, num_classes, in_channels, image_size):
     raise ValueError(f"unknown model {cfg.model!r}")
 
 
-__all__ = ["LATENT_DENOISERS", "TRANSFORMER_DENOISERS", "UNet", "AttentionVAE", "PatchDiscriminator", "VGG16Features", "build_vae",
-           "build_discriminator", "build_denoiser"]
+__all__ = ["LATENT_DENOISERS", "TRANSFORMER_DENOISERS", "UNet", "AttentionVAE", "PatchDiscriminator",
+           "VGG16Features", "build_vae", "build_discriminator", "build_denoiser"]

@@ -1,6 +1,7 @@
-"""Pixel-space diffusion transformer (the S2 system): ViT patches, fixed 2-D sin-cos positions,
-adaLN-Zero conditioned blocks (DiT, Peebles & Xie 2023) with linear or softmax attention, and a
-small residual conv decoder after un-patchifying that smooths the seams between patches."""
+"""Diffusion transformer, on pixels (the S2 system) or on the VAE's latents (as DiT runs it): ViT
+patches, fixed 2-D sin-cos positions, adaLN-Zero conditioned blocks (DiT, Peebles & Xie 2023) with
+linear or softmax attention, and a small residual conv decoder after un-patchifying that smooths
+the seams between patches."""
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -13,7 +13,7 @@ import torch
 import generate
 import main
 import visualize
-from config import PRESETS, build_config
+from config import PRESETS, Config, build_config
 from data import safe_name
 from training.checkpoint import load_checkpoint
 from training.run import Run
@@ -114,6 +114,23 @@ def test_flowers_recipe_has_repulsion_and_flags_override_the_recipe():
     assert (cfg.repulsion_weight, cfg.adv_start_epoch, cfg.adv_ramp_epochs) == (0, 7, 0)
     assert (cfg.class_loss_ramp_epochs, cfg.kl_start_epoch) == (2, 1)
     assert loss_weights(cfg, 6.9)["adversarial"] == 0 and loss_weights(cfg, 7)["adversarial"] == cfg.adv_weight
+
+
+def test_cpu_preset_gives_64x64_its_measured_settings_and_flags_still_win():
+    """Under the cpu preset each 64x64 recipe adds its own budget split (and Flowers102 its guidance);
+    other datasets keep the preset's, the recipes without the preset are untouched, and a flag wins."""
+    celeba, flowers = recipe_config("celeba_smiling", "--preset", "cpu"), recipe_config("flowers102", "--preset", "cpu")
+    assert (celeba.vae_minutes, celeba.diffusion_minutes, celeba.vae_epochs) == (9, 11, 6)
+    assert (flowers.vae_minutes, flowers.diffusion_minutes, flowers.vae_epochs, flowers.guidance_scale) == (9, 11, 8, 8)
+    assert celeba.guidance_scale == PRESETS["cpu"]["guidance_scale"]
+    assert celeba.latent_channels == flowers.latent_channels == PRESETS["cpu"]["latent_channels"]  # still the preset
+    catdog = recipe_config("cifar10_catdog", "--preset", "cpu")
+    assert (catdog.vae_minutes, catdog.diffusion_minutes, catdog.guidance_scale) == tuple(
+        PRESETS["cpu"][k] for k in ("vae_minutes", "diffusion_minutes", "guidance_scale"))
+    plain = recipe_config("flowers102")
+    assert plain.vae_minutes is None and plain.guidance_scale == Config.guidance_scale
+    flagged = recipe_config("flowers102", "--preset", "cpu", "--guidance_scale", "16", "--vae_minutes", "4")
+    assert (flagged.guidance_scale, flagged.vae_minutes, flagged.diffusion_minutes) == (16, 4, 11)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "cpu"])
