@@ -134,9 +134,13 @@ class Config:
         return self.model in LATENT_DENOISERS
 
     @property
+    def vae_downsampling(self):
+        return 2 ** (len(self.vae_channel_mults) - 1)
+
+    @property
     def denoiser_size(self):
         """The side of what the denoiser sees: the VAE's latent or the image itself."""
-        return self.image_size // 2 ** (len(self.vae_channel_mults) - 1) if self.is_latent else self.image_size
+        return self.image_size // self.vae_downsampling if self.is_latent else self.image_size
 
 
 # Named presets: overrides applied on top of the dataset recipe.
@@ -189,13 +193,14 @@ S3_SCHEDULE = dict(kl_start_epoch=0, kl_warmup_epochs=20, class_loss_start_epoch
 # "presets" entry holds its settings under a named preset, applied after that preset's own.
 # Under the cpu preset a 64x64 VAE is what bounds the samples: 9 of its 20 minutes go to the VAE
 # (epochs: what fits in 9 minutes), not 4 (measured on both datasets: BENCHMARKS.md).
+CPU_64_SPLIT = dict(vae_minutes=9, diffusion_minutes=11)
 DATASET_RECIPES = {
     "celeba_smiling": dict(vae_channel_mults=(1, 2, 2, 4), **S3_SCHEDULE,
-                           presets={"cpu": dict(vae_minutes=9, diffusion_minutes=11, vae_epochs=6)}),
+                           presets={"cpu": dict(**CPU_64_SPLIT, vae_epochs=6)}),
     # 102 classes in one 256-dim latent: S5's center loss with repulsion keeps the centers apart.
     # Guidance 16 (the cpu preset's, from cats and dogs) was the worst scale here; 8 the best.
     "flowers102": dict(vae_channel_mults=(1, 2, 2, 4), **S3_SCHEDULE, repulsion_weight=0.01,
-                       presets={"cpu": dict(vae_minutes=9, diffusion_minutes=11, vae_epochs=8, guidance_scale=8.0)}),
+                       presets={"cpu": dict(**CPU_64_SPLIT, vae_epochs=8, guidance_scale=8.0)}),
 }
 
 # Per-model defaults for pixel-space denoisers.
@@ -341,7 +346,7 @@ def validate(cfg):
         if not ok:
             raise UserError(message)
     cfg.image_size = cfg.image_size or default_image_size(cfg.dataset)
-    if cfg.image_size is not None and cfg.is_latent and cfg.image_size % 2 ** (len(cfg.vae_channel_mults) - 1):
+    if cfg.image_size is not None and cfg.is_latent and cfg.image_size % cfg.vae_downsampling:
         raise UserError(f"--image_size {cfg.image_size} is not divisible by the VAE's downsampling")
     if cfg.image_size is not None and cfg.model in TRANSFORMER_DENOISERS and cfg.denoiser_size % cfg.patch_size:
         raise UserError(f"--patch_size {cfg.patch_size} does not divide the {cfg.denoiser_size}x{cfg.denoiser_size} "
