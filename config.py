@@ -36,27 +36,31 @@ class Config:
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"                     # auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | none
-    compile: bool = False
+    compile: bool | None = None           # torch.compile the denoiser's training model (None: on CUDA)
     log_every: int = 50                   # steps between host syncs for logging
     picture_every: int = 10               # epochs between periodic pictures
     checkpoint_every: int = 1             # epochs between checkpoints
     max_bad_steps: int = 10               # non-finite steps in a row before stopping
     # --- VAE-GAN ---
-    vae_epochs: int = 1200
-    vae_batch_size: int = 128
-    vae_lr: float = 2e-4
-    vae_grad_clip: float = 1.0            # 0: off
-    vae_lr_schedule: str = "constant"     # constant | cosine (down to 0 over vae_epochs)
-    vae_minutes: float | None = None      # wall-clock budget of the stage (None: epochs only)
-    vae_base_channels: int = 64
+    # The defaults are the recipe measured best per minute (BENCHMARKS.md): a light VAE (attention
+    # only at its bottleneck, no residual blocks in the encoder's levels, no discriminator or
+    # perceptual loss) trained in many small steps, its lr decayed to 0 over 8 epochs, and a
+    # wall-clock budget of 4 + 16 minutes. --preset s1 restores the seeds' VAE-GAN and schedules.
+    vae_epochs: int = 8
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    vae_grad_clip: float = 0.0            # 0: off
+    vae_lr_schedule: str = "cosine"       # constant | cosine (down to 0 over vae_epochs)
+    vae_minutes: float | None = 4         # wall-clock budget of the stage (0 or None: epochs only)
+    vae_base_channels: int = 32
     vae_channel_mults: tuple = (1, 2, 2)
-    vae_res_blocks: int = 1
-    vae_block_attention: bool = True      # channel + spatial attention in every VAE block (the seeds')
-    latent_channels: int = 4
+    vae_res_blocks: int = 0
+    vae_block_attention: bool = False     # channel + spatial attention in every VAE block (the seeds')
+    latent_channels: int = 8
     kl_weight: float = 1e-6
     kl_start_epoch: int = 0               # stage schedule: each weight ramps linearly from 0 at its
-    kl_warmup_epochs: int = 10            # start epoch to its full value over its ramp epochs
-    perceptual_weight: float = 0.1
+    kl_warmup_epochs: int = 2             # start epoch to its full value over its ramp epochs
+    perceptual_weight: float = 0.0
     vgg_weights: str | None = None
     classifier_weight: float = 0.1
     center_weight: float = 0.01
@@ -64,15 +68,15 @@ class Config:
     center_margin: float = 1.0            # repulsion pushes centers apart to margin * sqrt(latent dim)
     class_loss_start_epoch: int = 0
     class_loss_ramp_epochs: int = 5
-    adv_weight: float = 0.05
+    adv_weight: float = 0.0
     adv_start_epoch: int = 20             # discriminator switched on after this warm-up
     adv_ramp_epochs: int = 5
     disc_channels: int = 64
     # --- denoiser ---
-    base_channels: int = 128
-    channel_mults: tuple = (1, 2)
+    base_channels: int = 64
+    channel_mults: tuple = (1, 2, 2)
     num_res_blocks: int = 2
-    attention_resolutions: tuple = (8, 4)
+    attention_resolutions: tuple = (4, 2)  # on an 8x8 latent: 8x8 attention cost a third of each step
     num_heads: int = 4
     dropout: float = 0.1
     time_embed_dim: int | None = None
@@ -94,13 +98,13 @@ class Config:
     loss: str = "mse"                     # mse | balanced (S2's MSE + L1 + cosine + Laplacian + Sobel)
     timestep_sampling: str = "uniform"    # uniform | adaptive (importance sampling by loss)
     # --- denoiser training ---
-    diffusion_epochs: int = 800
-    diffusion_minutes: float | None = None
+    diffusion_epochs: int = 1000          # the budget stops it first
+    diffusion_minutes: float | None = 16
     batch_size: int = 128
-    lr: float = 2e-4
+    lr: float = 5e-4
     lr_schedule: str = "constant"         # constant | cosine (down to 0 over diffusion_epochs)
     weight_decay: float = 0.0
-    warmup_steps: int = 500
+    warmup_steps: int = 200
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     patience: int = 10                    # denoiser: stop after this many epochs without a better
@@ -115,10 +119,12 @@ class Config:
     eval_samples: int = 500
     classifier_path: str | None = None    # default: results/<dataset>_classifier/classifier_best.pt
     # --- sampling ---
-    sampler: str = "ddim"
-    steps: int = 50
-    guidance_scale: float = 2.0
-    guidance_schedule: str = "constant"
+    # DPM-Solver++ has converged at 20 steps; guidance 16 ramped up linearly over the steps (none
+    # while the layout forms) scored the lowest FD for each of three training seeds.
+    sampler: str = "dpmpp"
+    steps: int = 20
+    guidance_scale: float = 16.0
+    guidance_schedule: str = "linear"
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -143,44 +149,43 @@ class Config:
         return self.image_size // self.vae_downsampling if self.is_latent else self.image_size
 
 
-# Named presets: overrides applied on top of the dataset recipe.
+# The seeds' settings where the measured defaults depart from them: the full attention VAE-GAN
+# (attention in every block, VGG16 perceptual and PatchGAN losses, 4 latent channels, batch 128,
+# constant lr) for 1200 epochs, a wide two-level latent UNet for 800, no wall-clock budgets.
+SEEDS = dict(vae_epochs=1200, vae_batch_size=128, vae_lr=2e-4, vae_grad_clip=1.0, vae_lr_schedule="constant",
+             vae_minutes=None, vae_base_channels=64, vae_res_blocks=1, vae_block_attention=True, latent_channels=4,
+             kl_warmup_epochs=10, perceptual_weight=0.1, adv_weight=0.05,
+             base_channels=128, channel_mults=(1, 2), attention_resolutions=(8, 4), lr=2e-4, warmup_steps=500,
+             diffusion_epochs=800, diffusion_minutes=None, guidance_schedule="constant")
+
+# Named presets: overrides applied on top of the dataset and model recipes.
 PRESETS = {
     "default": {},
-    # Small widths and short runs for smoke tests on a CPU.
+    # Small widths and short runs for smoke tests on a CPU, with every part of the seeds' VAE-GAN
+    # switched on (block attention, encoder residual blocks, the discriminator) so they are exercised.
     # No vae_channel_mults: a dataset recipe's extra level must survive (64x64 keeps its 8x8 latent).
     "tiny": dict(transformer_width=32, transformer_depth=2, transformer_heads=2, patch_size=4,
                  transformer_decoder_channels=16, vae_base_channels=16, latent_channels=4, disc_channels=16,
+                 vae_block_attention=True, vae_res_blocks=1, adv_weight=0.05,
                  base_channels=32, channel_mults=(1, 2), num_res_blocks=1, num_heads=2,
                  vae_batch_size=32, batch_size=32, timesteps=100, steps=10, warmup_steps=10,
                  vae_epochs=2, diffusion_epochs=2, picture_every=1, log_every=5,
                  kl_start_epoch=0, kl_warmup_epochs=1, class_loss_start_epoch=0, class_loss_ramp_epochs=1,
                  adv_start_epoch=1, adv_ramp_epochs=1, ema_decay=0.9,
                  classifier_width=8, classifier_batch_size=32, classifier_epochs=2, eval_samples=32),
-    # A budget run on a few CPU cores (measured in BENCHMARKS.md): 8 latent channels, bf16 autocast
-    # (CPUs with avx512_bf16 run it faster), a light VAE (attention only at its bottleneck, no
-    # residual blocks in the encoder's levels) trained in many small steps (batch 16, lr 1e-3 decayed
-    # to 0 over its 8 epochs, no gradient clip: each a measured gain in PSNR per minute), no
-    # discriminator (a few minutes are better spent on reconstruction), and a deeper latent UNet with
-    # attention at 4x4 and 2x2 only (8x8 attention cost a third of each step); DPM-Solver++ at 20
-    # steps (50 add nothing) with strong guidance, ramped up linearly over the steps (none while
-    # the layout forms: FD lower than a constant scale for each of three training seeds).
-    "cpu": dict(vae_base_channels=32, latent_channels=8, amp="bf16", perceptual_weight=0.0,
-                vae_block_attention=False, vae_res_blocks=0, vae_batch_size=16, vae_lr=1e-3,
-                vae_lr_schedule="cosine", vae_grad_clip=0.0, adv_weight=0.0,
-                kl_start_epoch=0, kl_warmup_epochs=2, class_loss_start_epoch=0,
-                base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(4, 2), lr=5e-4,
-                picture_every=1, log_every=20, warmup_steps=200, vae_epochs=8, diffusion_epochs=1000,
-                vae_minutes=4, diffusion_minutes=16, sampler="dpmpp", steps=20, guidance_schedule="linear",
-                guidance_scale=16.0),  # measured: classifier FD and KID lowest at 16 (accuracy still rises)
+    # The defaults as measured on a 2-core CPU (BENCHMARKS.md): bf16 autocast, which CPUs with
+    # avx512_bf16 run about 1.8x faster than float32 ("auto" keeps float32 on CPUs), and a picture
+    # and loss read-out every epoch of its short run.
+    "cpu": dict(amp="bf16", picture_every=1, log_every=20),
     # The S1 seed's settings: 1000-step linear schedule, epsilon prediction, ancestral sampling,
     # no EMA, no classifier-free guidance (no label dropout, scale 1).
-    "s1": dict(schedule="linear", prediction="eps", sampler="ddpm", steps=1000, guidance_scale=1.0,
-               ema_decay=0.0, label_dropout=0.0, vae_epochs=1200, diffusion_epochs=800),
+    "s1": {**SEEDS, **dict(schedule="linear", prediction="eps", sampler="ddpm", steps=1000, guidance_scale=1.0,
+                           ema_decay=0.0, label_dropout=0.0)},
     # The S4 seed's pixel DDPM: beta 1e-4..0.02, 1000 steps, lr 3e-4, wd 0, batch 200, time dim 1024.
-    "s4": dict(model="unet", schedule="linear", beta_start=1e-4, beta_end=0.02, timesteps=1000,
-               prediction="eps", lr=3e-4, weight_decay=0.0, batch_size=200, time_embed_dim=1024,
-               base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(16, 8),
-               sampler="ddpm", steps=1000, guidance_scale=1.0),
+    "s4": {**SEEDS, **dict(model="unet", schedule="linear", beta_start=1e-4, beta_end=0.02, timesteps=1000,
+                           prediction="eps", lr=3e-4, weight_decay=0.0, batch_size=200, time_embed_dim=1024,
+                           base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(16, 8),
+                           sampler="ddpm", steps=1000, guidance_scale=1.0)},
 }
 
 # The S3 stage schedule of the 64x64 VAE-GANs, as ramps (epochs): reconstruction from the start,
@@ -189,25 +194,25 @@ PRESETS = {
 S3_SCHEDULE = dict(kl_start_epoch=0, kl_warmup_epochs=20, class_loss_start_epoch=10, class_loss_ramp_epochs=10,
                    adv_start_epoch=30, adv_ramp_epochs=10)
 
-# Per-dataset recipes: 64x64 images get one more VAE level, so the latent stays 4x8x8. A recipe's
-# "presets" entry holds its settings under a named preset, applied after that preset's own.
-# Under the cpu preset a 64x64 VAE is what bounds the samples: 9 of its 20 minutes go to the VAE
-# (epochs: what fits in 9 minutes), not 4 (measured on both datasets: BENCHMARKS.md).
-CPU_64_SPLIT = dict(vae_minutes=9, diffusion_minutes=11)
+# Per-dataset recipes: 64x64 images get one more VAE level, so the latent stays 8x8, and S3's
+# stage schedule, with KL and the class losses from the start in a short run. A 64x64 VAE is what
+# bounds the samples: 9 of the 20 minutes go to it (epochs: what fits in 9 minutes on the CPU), not
+# 4 (measured on both datasets: BENCHMARKS.md). A recipe's "presets" entry holds its settings under
+# a named preset, applied after that preset's own: the seeds' runs get S3's schedule as it was.
+RECIPE_64 = {**S3_SCHEDULE, **dict(kl_warmup_epochs=2, class_loss_start_epoch=0, vae_channel_mults=(1, 2, 2, 4),
+                                   vae_minutes=9, diffusion_minutes=11,
+                                   presets={name: S3_SCHEDULE for name in ("s1", "s4")})}
 DATASET_RECIPES = {
-    "celeba_smiling": dict(vae_channel_mults=(1, 2, 2, 4), **S3_SCHEDULE,
-                           presets={"cpu": dict(**CPU_64_SPLIT, vae_epochs=6)}),
+    "celeba_smiling": dict(**RECIPE_64, vae_epochs=6),
     # 102 classes in one 256-dim latent: S5's center loss with repulsion keeps the centers apart.
-    # Guidance 16 (the cpu preset's, from cats and dogs) was the worst scale here; 8 the best.
-    "flowers102": dict(vae_channel_mults=(1, 2, 2, 4), **S3_SCHEDULE, repulsion_weight=0.01,
-                       presets={"cpu": dict(**CPU_64_SPLIT, vae_epochs=8, guidance_scale=8.0)}),
+    # Guidance 16 (from cats and dogs) was the worst scale here; 8 the best.
+    "flowers102": dict(**RECIPE_64, vae_epochs=8, repulsion_weight=0.01, guidance_scale=8.0),
 }
 
-# Per-model defaults for pixel-space denoisers.
+# Per-model defaults for the other denoisers.
 MODEL_RECIPES = {
-    "unet": dict(base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(), steps=50),
-    "attn_unet": dict(base_channels=64, channel_mults=(1, 2, 2), attention_resolutions=(16, 8), steps=50),
-    "transformer": dict(steps=40),
+    "unet": dict(attention_resolutions=()),
+    "attn_unet": dict(attention_resolutions=(16, 8)),
     # DiT on the VAE's latents: 2x2 patches of an 8x8 latent are 16 tokens, few enough for softmax
     # attention through SDPA (patch 1 cost 3.5x per step on a CPU and scored far worse in the same
     # 16 minutes: BENCHMARKS.md).
@@ -235,7 +240,9 @@ def add_common_args(parser):
     g.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
     g.add_argument("--batch_size", type=int, help="batch size of the stage being run")
     g.add_argument("--subset", type=int, help="use only the first N training images")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="named settings (tiny: CPU smoke runs)")
+    g.add_argument("--preset", choices=sorted(PRESETS),
+                   help="named settings on top of the defaults (the measured 20-minute recipe): cpu (bf16 "
+                        "autocast), s1 and s4 (the seeds'), tiny (smoke runs)")
     g.add_argument("--image_size", type=int, help="square image size (default: the dataset's)")
     g.add_argument("--attribute", help="CelebA attribute for celeba_smiling (default Smiling)")
     g.add_argument("--flowers_splits", choices=("all", "official"),
@@ -291,13 +298,14 @@ def _plain(value):
 
 
 # Fields a saved run's config may have changed on the command line when it is continued or
-# sampled from (the rest define the model and must match).
+# sampled from. The rest define the model, or a plan fixed at the start (the classifier's
+# one-cycle lr over its epochs and batches), and must match.
 RUNTIME_FIELDS = {"results_dir", "data_root", "device", "seed", "download", "amp", "compile", "log_every",
                   "picture_every", "checkpoint_every", "sampler", "steps", "guidance_scale",
                   "guidance_schedule", "vae_epochs", "diffusion_epochs", "batch_size", "vae_batch_size",
                   "lr", "vae_lr", "subset", "max_bad_steps", "vgg_weights", "perceptual_weight",
-                  "eval_every", "eval_samples", "classifier_path", "classifier_epochs", "classifier_lr",
-                  "classifier_batch_size", "patience", "vae_minutes", "diffusion_minutes", "vae_grad_clip"}
+                  "eval_every", "eval_samples", "classifier_path", "patience", "vae_minutes", "diffusion_minutes",
+                  "vae_grad_clip"}
 
 
 def validate(cfg):
@@ -318,8 +326,8 @@ def validate(cfg):
         (0 <= cfg.guidance_scale <= 50, f"--guidance_scale must be between 0 and 50, got {cfg.guidance_scale}"),
         (cfg.batch_size > 0 and cfg.vae_batch_size > 0, "--batch_size must be positive"),
         (cfg.lr > 0 and cfg.vae_lr > 0, "--lr must be positive"),
-        (all(m is None or m > 0 for m in (cfg.vae_minutes, cfg.diffusion_minutes)),
-         "--minutes, --vae_minutes and --diffusion_minutes must be positive"),
+        (all(m is None or m >= 0 for m in (cfg.vae_minutes, cfg.diffusion_minutes)),
+         "--minutes, --vae_minutes and --diffusion_minutes must be positive (0: no budget)"),
         (cfg.vae_grad_clip >= 0, "--vae_grad_clip must not be negative (0: off)"),
         (cfg.vae_res_blocks >= 0, f"--vae_res_blocks must not be negative, got {cfg.vae_res_blocks}"),
         (cfg.vae_epochs >= 0 and cfg.diffusion_epochs >= 0, "epochs must not be negative"),
@@ -341,6 +349,7 @@ def validate(cfg):
         (cfg.model not in TRANSFORMER_DENOISERS or cfg.transformer_width % 4 == 0,
          f"--transformer_width {cfg.transformer_width} must be a multiple of 4 (2-D sin-cos positions)"),
         (cfg.patch_size > 0, f"--patch_size must be positive, got {cfg.patch_size}"),
+        (cfg.eval_samples >= 2, f"--eval_samples must be at least 2 (KID compares pairs), got {cfg.eval_samples}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -348,9 +357,13 @@ def validate(cfg):
     cfg.image_size = cfg.image_size or default_image_size(cfg.dataset)
     if cfg.image_size is not None and cfg.is_latent and cfg.image_size % cfg.vae_downsampling:
         raise UserError(f"--image_size {cfg.image_size} is not divisible by the VAE's downsampling")
+    what = f"the {cfg.denoiser_size}x{cfg.denoiser_size} {'latent' if cfg.is_latent else 'image'}"
     if cfg.image_size is not None and cfg.model in TRANSFORMER_DENOISERS and cfg.denoiser_size % cfg.patch_size:
-        raise UserError(f"--patch_size {cfg.patch_size} does not divide the {cfg.denoiser_size}x{cfg.denoiser_size} "
-                        f"{'latent' if cfg.is_latent else 'image'}")
+        raise UserError(f"--patch_size {cfg.patch_size} does not divide {what}")
+    unet_downsampling = 2 ** (len(cfg.channel_mults) - 1)
+    if cfg.image_size is not None and cfg.model not in TRANSFORMER_DENOISERS and cfg.denoiser_size % unet_downsampling:
+        raise UserError(f"--image_size {cfg.image_size}: the UNet halves {what} {len(cfg.channel_mults) - 1} "
+                        f"times, so its side must be divisible by {unet_downsampling}")
     return cfg
 
 

@@ -74,7 +74,7 @@ def main(argv=None):
         raise UserError(f"cannot write to the output folder {out}: {e.strerror}") from None
     for c in classes:
         name = safe_name(pipe.class_names[c])
-        images = pipe.sample_batched(torch.full((per_class,), c), seed=seed)
+        images = pipe.sample_batched(torch.full((per_class,), c), batch_size=args.batch_size or 256, seed=seed)
         figures.save_grid(images, os.path.join(out, f"{name}_grid.png"), nrow=min(10, per_class))
         figures.save_individual(images, os.path.join(out, name), name)
         print(f"{pipe.class_names[c]}: {per_class} images in {os.path.join(out, name)}, "

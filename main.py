@@ -22,9 +22,10 @@ def parse_args(argv=None):
     p.add_argument("--vae_epochs", type=int, help="VAE-GAN epochs (with --train_all)")
     p.add_argument("--diffusion_epochs", type=int, help="denoiser epochs (with --train_all)")
     p.add_argument("--minutes", type=float, help="wall-clock budget of the stage being trained: it stops at the "
-                                                 "last epoch boundary that fits (--epochs stays the cap)")
-    p.add_argument("--vae_minutes", type=float, help="VAE-GAN budget in minutes (with --train_all)")
-    p.add_argument("--diffusion_minutes", type=float, help="denoiser budget in minutes (with --train_all)")
+                                                 "last epoch boundary that fits (--epochs stays the cap; default "
+                                                 "4 for the VAE, 16 for the denoiser; 0: no budget)")
+    p.add_argument("--vae_minutes", type=float, help="VAE-GAN budget in minutes (with --train_all; 0: none)")
+    p.add_argument("--diffusion_minutes", type=float, help="denoiser budget in minutes (with --train_all; 0: none)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction,
                    help="train on images and their mirror images (default; --no-hflip where left and right "
                         "differ)")
@@ -90,7 +91,8 @@ def parse_args(argv=None):
     g.add_argument("--classifier_path", help="real-data classifier checkpoint for the offline metrics")
     g.add_argument("--classifier_width", type=int, help="--train_classifier: ResNet width (default 64)")
     g = p.add_argument_group("engineering")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the denoiser")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the denoiser's training model (default: on CUDA only)")
     g.add_argument("--picture_every", type=int, help="epochs between periodic pictures")
     g.add_argument("--checkpoint_every", type=int, help="epochs between checkpoints")
     g.add_argument("--log_every", type=int, help="steps between loss read-outs")

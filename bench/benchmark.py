@@ -3,7 +3,7 @@ model-FLOP utilisation, peak memory, and sampling images/s (DDIM and DPM-Solver+
 steps, DDPM at 1000), next to diffusers' UNet2DModel at a matched parameter count trained through
 the same step. Writes JSON and prints a table. A measurement, not a test.
 
-    python bench/benchmark.py [--device auto] [--out bench/results/NAME.json] [--quick] [--compile]
+    python bench/benchmark.py [--device auto] [--out bench/results/NAME.json] [--quick] [--[no-]compile]
 
 Training runs through the suite's own DenoiserStage.train_step (DiffusionLoss, autocast, AdamW
 (fused on CUDA), channels_last on CUDA, grad clipping, EMA) on random data; sampling through
@@ -180,7 +180,7 @@ class PeakMemory:
 # --- models -----------------------------------------------------------------------------------
 
 def model_config(name, compile_model, preset="default"):
-    return build_config(argparse.Namespace(model=name, compile=compile_model or None, preset=preset))
+    return build_config(argparse.Namespace(model=name, compile=compile_model, preset=preset))
 
 
 def make_stage(cfg, device, network=None):
@@ -350,7 +350,8 @@ def main():
     p.add_argument("--out", help="JSON file (default bench/results/<device>-<date>.json)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and, on CPU, smaller batches; DDPM-1000 "
                                                          "extrapolated from 10 steps (CPU) or 100 (GPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training model (not sampling)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the training model, not sampling (default: as training does, on CUDA only)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); on a busy "
                                                "machine 1 is far steadier than threads that wait on each other")
     p.add_argument("--models", help=f"comma-separated subset of {','.join(DENOISERS)},{REFERENCE}")
@@ -381,7 +382,8 @@ def main():
     report = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
               "git_commit": commit, "git_dirty": dirty, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name] + sys.argv), "settings": asdict(s),
-              "compile": args.compile, "preset": args.preset, "compute_dtype": str(dtype), "peak_source": peak_source,
+              "compile": device.type == "cuda" if args.compile is None else args.compile, "preset": args.preset,
+              "compute_dtype": str(dtype), "peak_source": peak_source,
               "load_average_start": os.getloadavg()[0], "models": {}, "notes": notes}
 
     for name in names:

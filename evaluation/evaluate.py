@@ -91,7 +91,9 @@ def inception_metrics(cfg, images_uint8, weights_path, device, cache_dir):
     from evaluation.inception import fid_kid, load_fid_inception, reference_stats
     inception = load_fid_inception(weights_path, device)
     features = lambda imgs: extract_features(inception, imgs, batch_size=100, device=device)  # noqa: E731
-    key = f"{cfg.dataset}-{os.path.abspath(cfg.data_root or 'default')}-{cfg.image_size}-train-inception2048"
+    # Everything that decides which images the training split holds: the split options too.
+    key = (f"{cfg.dataset}-{os.path.abspath(cfg.data_root or 'default')}-{cfg.image_size}-train-"
+           f"{cfg.flowers_splits}-val{cfg.val_fraction}-inception2048")
     mu, sigma, real_feats = reference_stats(key, cache_dir, lambda: features(real_split(cfg, "train")[0]))
     return fid_kid(real_feats, features(images_uint8), real_stats=(mu, sigma))
 
@@ -101,6 +103,8 @@ def evaluate_run(pipe, run_dir, args, seed):
     write eval.json and print a table."""
     cfg, device = pipe.cfg, pipe.device
     n = args.num_samples or 2000
+    if n < 2:
+        raise UserError(f"--evaluate needs at least 2 samples (KID compares pairs), got --num_samples {n}")
     start = time.time()
     classifier = load_real_classifier(cfg, device, getattr(args, "classifier_path", None))
     offline = OfflineMetrics(classifier, cfg, device, pipe.num_classes)

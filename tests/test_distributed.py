@@ -86,6 +86,24 @@ def test_only_rank_zero_writes(worker_run):
     assert load(run_dir / "conditional_diffusion_final.pt")["epoch"] == 2
 
 
+def test_vae_gan_ranks_end_with_identical_weights(tmp_path, image_folder_root):
+    """The VAE-GAN stage under torchrun, every loss on from the first step (the class terms, whose
+    head and centers sit outside the VAE's forward, and the discriminator): its weights, class
+    centers and optimizer state stay identical across ranks, also after --resume."""
+    (tmp_path / "markers").mkdir()
+    flags = ["--train_vae", "--dataset", "folder", "--data_root", image_folder_root, "--preset", "tiny",
+             "--batch_size", "8", "--results_dir", tmp_path / "run", "--device", "cpu", "--seed", "3",
+             "--perceptual_weight", "0", "--picture_every", "100", "--vae_grad_clip", "0.01",
+             "--class_loss_ramp_epochs", "0", "--adv_start_epoch", "0", "--adv_ramp_epochs", "0"]
+    torchrun("tests/ddp_worker.py", tmp_path / "markers", *flags)
+    for rank in (0, 1):
+        report = json.loads((tmp_path / "markers" / f"rank{rank}.json").read_text())
+        for label in ("after epoch 1", "after resumed epoch 2"):
+            for part in ("vae", "centers", "discriminator", "optimizer"):
+                assert f"{label}: {part} identical" in report["passed"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == ["vae_gan_best.pt", "vae_gan_last.pt"]
+
+
 def test_main_py_resumes_under_torchrun(worker_run, tmp_path, image_folder_root):
     run_dir = tmp_path / "run"
     shutil.copytree(worker_run[0], run_dir)

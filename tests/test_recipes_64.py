@@ -19,7 +19,10 @@ from training.checkpoint import load_checkpoint
 from training.run import Run
 from training.vae_gan import loss_weights
 
-TINY = ["--preset", "tiny", "--perceptual_weight", "0", "--device", "cpu", "--steps", "5"]
+# A constant VAE lr: the default cosine spans --vae_epochs, so continuing a 1-epoch run to 2 epochs
+# (--total_epochs) would follow another schedule than a 2-epoch run (its own test: test_reliability).
+TINY = ["--preset", "tiny", "--perceptual_weight", "0", "--device", "cpu", "--steps", "5",
+        "--vae_lr_schedule", "constant"]
 SEED = 3
 S5_NAMES = ("vae_gan_best.pt", "vae_gan_last.pt", "conditional_diffusion_final.pt", "autoencoder_losses.png",
             "diffusion_loss.png", "vae_samples_grid_subset.png", "config.json", "metrics.csv")
@@ -88,9 +91,10 @@ def recipe_config(dataset, *flags):
     return build_config(main.stage_overrides(main.parse_args(["--train_vae", "--dataset", dataset, *flags])))
 
 
-def test_celeba_recipe_is_the_s3_stage_schedule():
-    cfg = recipe_config("celeba_smiling")  # the recipe itself: no preset
-    assert cfg.preset == "default" and tuple(cfg.vae_channel_mults) == (1, 2, 2, 4) and cfg.image_size == 64
+def test_celeba_recipe_under_the_seeds_preset_is_the_s3_stage_schedule():
+    cfg = recipe_config("celeba_smiling", "--preset", "s1")
+    assert tuple(cfg.vae_channel_mults) == (1, 2, 2, 4) and cfg.image_size == 64
+    assert (cfg.vae_minutes, cfg.diffusion_minutes, cfg.vae_epochs) == (None, None, 1200)
     assert cfg.kl_start_epoch <= cfg.class_loss_start_epoch < cfg.adv_start_epoch
     w = {e: loss_weights(cfg, e) for e in (0, 0.5, 5, 9.9, 10, 15, 25, 29.9, 30, 35, 40, 100)}
     assert all(w[e]["recon"] == 1.0 for e in w)  # reconstruction from the start
@@ -108,27 +112,31 @@ def test_celeba_recipe_is_the_s3_stage_schedule():
 def test_flowers_recipe_has_repulsion_and_flags_override_the_recipe():
     cfg = recipe_config("flowers102")
     assert cfg.repulsion_weight > 0 and tuple(cfg.vae_channel_mults) == (1, 2, 2, 4)
-    assert loss_weights(cfg, 30)["repulsion"] == cfg.repulsion_weight and loss_weights(cfg, 5)["repulsion"] == 0
-    cfg = recipe_config("flowers102", "--repulsion_weight", "0", "--adv_start_epoch", "7", "--adv_ramp_epochs", "0",
-                        "--class_loss_ramp_epochs", "2", "--kl_start_epoch", "1")
-    assert (cfg.repulsion_weight, cfg.adv_start_epoch, cfg.adv_ramp_epochs) == (0, 7, 0)
+    assert loss_weights(cfg, 30)["repulsion"] == cfg.repulsion_weight and loss_weights(cfg, 0)["repulsion"] == 0
+    assert loss_weights(recipe_config("flowers102", "--preset", "s1"), 5)["repulsion"] == 0  # S3: from epoch 10
+    cfg = recipe_config("flowers102", "--preset", "s1", "--repulsion_weight", "0", "--adv_start_epoch", "7",
+                        "--adv_ramp_epochs", "0", "--class_loss_ramp_epochs", "2", "--kl_start_epoch", "1")
+    assert (cfg.repulsion_weight, cfg.adv_start_epoch, cfg.adv_ramp_epochs, cfg.adv_weight) == (0, 7, 0, 0.05)
     assert (cfg.class_loss_ramp_epochs, cfg.kl_start_epoch) == (2, 1)
     assert loss_weights(cfg, 6.9)["adversarial"] == 0 and loss_weights(cfg, 7)["adversarial"] == cfg.adv_weight
 
 
-def test_cpu_preset_gives_64x64_its_measured_settings_and_flags_still_win():
-    """Under the cpu preset each 64x64 recipe adds its own budget split (and Flowers102 its guidance);
-    other datasets keep the preset's, the recipes without the preset are untouched, and a flag wins."""
-    celeba, flowers = recipe_config("celeba_smiling", "--preset", "cpu"), recipe_config("flowers102", "--preset", "cpu")
-    assert (celeba.vae_minutes, celeba.diffusion_minutes, celeba.vae_epochs) == (9, 11, 6)
-    assert (flowers.vae_minutes, flowers.diffusion_minutes, flowers.vae_epochs, flowers.guidance_scale) == (9, 11, 8, 8)
-    assert celeba.guidance_scale == PRESETS["cpu"]["guidance_scale"]
-    assert celeba.latent_channels == flowers.latent_channels == PRESETS["cpu"]["latent_channels"]  # still the preset
-    catdog = recipe_config("cifar10_catdog", "--preset", "cpu")
-    assert (catdog.vae_minutes, catdog.diffusion_minutes, catdog.guidance_scale) == tuple(
-        PRESETS["cpu"][k] for k in ("vae_minutes", "diffusion_minutes", "guidance_scale"))
-    plain = recipe_config("flowers102")
-    assert plain.vae_minutes is None and plain.guidance_scale == Config.guidance_scale
+def test_64x64_recipes_carry_their_measured_budget_split_and_flags_still_win():
+    """Each 64x64 recipe gives the VAE 9 of the 20 minutes (and Flowers102 its guidance), with or
+    without the cpu preset; cats/dogs keeps the defaults' 4 + 16; the seeds' preset has no budget;
+    a flag wins over all of them."""
+    for preset in ((), ("--preset", "cpu")):
+        celeba, flowers = recipe_config("celeba_smiling", *preset), recipe_config("flowers102", *preset)
+        assert (celeba.vae_minutes, celeba.diffusion_minutes, celeba.vae_epochs) == (9, 11, 6)
+        assert (flowers.vae_minutes, flowers.diffusion_minutes, flowers.vae_epochs) == (9, 11, 8)
+        assert flowers.guidance_scale == 8
+        assert celeba.guidance_scale == Config.guidance_scale and celeba.latent_channels == Config.latent_channels
+        catdog = recipe_config("cifar10_catdog", *preset)
+        assert (catdog.vae_minutes, catdog.diffusion_minutes, catdog.guidance_scale) == (
+            Config.vae_minutes, Config.diffusion_minutes, Config.guidance_scale)
+    assert recipe_config("flowers102", "--preset", "cpu").amp == PRESETS["cpu"]["amp"] != Config.amp
+    seeds = recipe_config("flowers102", "--preset", "s1")
+    assert seeds.vae_minutes is None and seeds.guidance_scale == PRESETS["s1"]["guidance_scale"]
     flagged = recipe_config("flowers102", "--preset", "cpu", "--guidance_scale", "16", "--vae_minutes", "4")
     assert (flagged.guidance_scale, flagged.vae_minutes, flagged.diffusion_minutes) == (16, 4, 11)
 

@@ -132,6 +132,18 @@ def test_resume_at_epoch_boundary_gives_same_losses(data, reference, tmp_path, v
     assert_same_tensors(ours["rng"], theirs["rng"], "rng")
 
 
+def test_resume_with_another_lr_trains_at_it(data, reference, tmp_path):
+    """--lr on --resume is not ignored: the optimizer and its schedule continue from the new rate."""
+    run_dir = tmp_path / "new_lr"
+    shutil.copytree(reference, run_dir)
+    assert train_in_process(run_args(data, run_dir, 3, "--resume", "--lr", "1e-5")) == 0
+    stage = load(run_dir / LAST)["stage"]
+    group = stage["opt"]["param_groups"][0]
+    assert stage["sched"]["base_lrs"] == [1e-5] and group["initial_lr"] == 1e-5
+    assert group["lr"] == pytest.approx(1e-5)  # past the tiny preset's 10 warm-up steps
+    assert json.loads((run_dir / "config.json").read_text())["lr"] == 1e-5
+
+
 def test_resume_from_an_older_checkpoint_logs_each_epoch_once(data, reference, tmp_path):
     """A crash can lose the checkpoint of an epoch whose rows metrics.csv already holds; resuming
     from the checkpoint before it redoes that epoch and leaves one row per epoch and quantity."""
@@ -171,6 +183,9 @@ def test_sigint_mid_epoch_saves_and_resume_gives_same_losses(data, reference, tm
     assert not (run_dir / FINAL).exists()
 
     monkeypatch.setattr(DenoiserStage, "train_step", real_step)
+    saved = (run_dir / LAST).read_bytes()  # mid-epoch, another batch size would skip the wrong images
+    assert train_in_process([*run_args(data, run_dir, 2, "--resume"), "--batch_size", "2"]) == 2
+    assert "batches of 4" in capsys.readouterr().err and (run_dir / LAST).read_bytes() == saved
     assert train_in_process(run_args(data, run_dir, 2, "--resume")) == 0
     assert_same_losses(reference, run_dir, 2)
     assert_same_tensors(load(run_dir / FINAL)["stage"], load(reference / FINAL)["stage"], "stage")
@@ -181,7 +196,7 @@ def test_vae_resume_at_epoch_boundary_gives_same_losses(data, tmp_path):
     the adversarial loss switched on in epoch 2), both optimizers and the centers resume exactly."""
     vae = ["--train_vae", "--dataset", "folder", "--preset", "tiny", "--batch_size", "4", "--image_size", "16",
            "--perceptual_weight", "0", "--checkpoint_every", "1", "--picture_every", "1000", "--seed", "3",
-           "--adv_start_epoch", "1", "--data_root", data]
+           "--adv_start_epoch", "1", "--vae_lr_schedule", "constant", "--data_root", data]  # cosine: its own test
     once, twice = tmp_path / "uninterrupted", tmp_path / "resumed"
     assert train_in_process([*vae, "--results_dir", once, "--epochs", "2"]) == 0
     assert train_in_process([*vae, "--results_dir", twice, "--epochs", "1"]) == 0
@@ -519,6 +534,13 @@ def test_checkpoint_of_another_model_or_dataset_is_refused_by_name(data, referen
         return line
 
     import main
+    # Continue a checkpoint into a folder that holds another run: refused, that run untouched.
+    other = tmp_path / "another_run"
+    shutil.copytree(reference, other)
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    refused(main, [*run_args(data, other, 3), "--checkpoint_path", last, "--total_epochs", "3"],
+            "another run", str(other))
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
     # Continue a unet run as an attn_unet.
     refused(main, [*run_args(data, tmp_path / "other_model", 3), "--checkpoint_path", last,
                    "--total_epochs", "3", "--model", "attn_unet"], "model", "unet", "attn_unet")

@@ -92,6 +92,30 @@ def test_minutes_budget_stops_at_the_last_epoch_that_fits_and_counts_across_resu
     capped = TimedStage([1.0] * 20)  # --epochs stays the cap
     fit(capped, OneBatch(), cfg, Run(str(tmp_path / "capped")), total_epochs=2, max_minutes=10.0)
     assert capped.validated == 2
+    unbudgeted = TimedStage([1.0] * 20)  # --minutes 0: no budget, past the default's minutes
+    fit(unbudgeted, OneBatch(), cfg, Run(str(tmp_path / "unbudgeted")), total_epochs=20, max_minutes=0)
+    assert unbudgeted.validated == 20
+
+
+def test_resume_under_another_best_metric_starts_its_record_afresh(tmp_path):
+    """A run resumed with another --eval_every ranks checkpoints by another metric: the saved best
+    (a loss) must not be compared with the new metric's values (an FD), nor count as patience."""
+    from training.checkpoint import load_checkpoint
+
+    class FDStage(StubStage):
+        best_metric = ("classifier_fd_heldout", "min")
+
+        def validate(self, epoch):
+            return {**super().validate(epoch), "classifier_fd_heldout": 5.0 - epoch}  # improving
+
+    cfg = Config(patience=2, picture_every=100)
+    fit(StubStage([0.01, 0.02]), OneBatch(), cfg, Run(str(tmp_path)), total_epochs=2)  # best loss 0.01
+    state = load_checkpoint(str(tmp_path / "stub_last.pt"))
+    assert state["best_metric"] == "val_loss" and state["epochs_since_best"] == 1
+    stage = FDStage([1.0] * 6)
+    best = fit(stage, OneBatch(), cfg, Run(str(tmp_path)), total_epochs=6, resume_state=state)
+    assert stage.validated == 4 and best == pytest.approx(5.0 - 6)  # no early stop: FD improved each epoch
+    assert load_checkpoint(str(tmp_path / "stub_best.pt"))["epoch"] == 6
 
 
 def test_patience_zero_never_stops(tmp_path):
@@ -164,3 +188,26 @@ def test_ema_warms_up_then_uses_the_configured_decay():
     for _ in range(5000):
         ema.update_parameters(model)
     assert ema.module.weight.item() == pytest.approx(1.0, abs=1e-3)  # the start is forgotten
+
+
+def test_compiled_training_step_gives_the_eager_losses():
+    """torch.compile of the training model (the default on CUDA, --compile elsewhere) through the
+    real DenoiserStage on the CPU: the same losses as eager steps from the same weights and noise."""
+    import argparse
+    import dataclasses
+
+    from config import build_config
+    from training.denoiser import DenoiserStage
+    cfg = build_config(argparse.Namespace(preset="tiny", model="unet", dataset="folder", image_size=16,
+                                          base_channels=16, device="cpu"))
+    cfg = dataclasses.replace(cfg, dropout=0.0)  # compiled dropout draws other random numbers
+    x, y = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 0, 1])
+
+    def losses(compile_model):
+        torch.manual_seed(0)
+        stage = DenoiserStage(dataclasses.replace(cfg, compile=compile_model), ["cat", "dog"], (3, 16, 16),
+                              torch.device("cpu"), x[:1], y[:1], None)
+        assert (stage.train_model is not stage.model) == compile_model
+        return [float(stage.train_step(x, y, 0.0)["loss"]) for _ in range(2)]
+
+    assert losses(True) == pytest.approx(losses(False), rel=1e-3)

@@ -85,7 +85,7 @@ def load_checkpoint(path, what="checkpoint"):
 # Fields that define a model: a checkpoint whose values differ cannot be loaded into it.
 ARCHITECTURE_FIELDS = {
     "vae_gan": ("dataset", "image_size", "vae_base_channels", "vae_channel_mults", "vae_res_blocks",
-                "latent_channels", "disc_channels", "attribute"),
+                "vae_block_attention", "latent_channels", "disc_channels", "attribute"),
     "conditional_diffusion": ("dataset", "model", "image_size", "base_channels", "channel_mults",
                               "num_res_blocks", "attention_resolutions", "num_heads", "time_embed_dim",
                               "schedule", "timesteps", "prediction", "attribute", "transformer_width",

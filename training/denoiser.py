@@ -34,7 +34,7 @@ class DenoiserStage:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = make_ema(self.model, cfg.ema_decay)
         self.train_model = dist.wrap(self.model, device)
-        if cfg.compile:
+        if cfg.compile or (cfg.compile is None and device.type == "cuda"):
             self.train_model = torch.compile(self.train_model)
         self.opt = make_optimizer(self.model.parameters(), cfg.lr, cfg.weight_decay, device=device)
         # --lr_schedule: a function of the fractional epoch just trained (of --diffusion_epochs), like
@@ -141,6 +141,11 @@ class DenoiserStage:
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
+        # A resumed run may be given another --lr: rescale, so warm-up and schedule go on from it.
+        for i, group in enumerate(self.opt.param_groups):
+            if self.sched.base_lrs[i] != self.cfg.lr:
+                group["lr"] *= self.cfg.lr / self.sched.base_lrs[i]
+                group["initial_lr"] = self.sched.base_lrs[i] = self.cfg.lr
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         if self.loss_fn.adaptive is not None and "adaptive_timesteps" in state:

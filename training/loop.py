@@ -89,7 +89,13 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
     validate, pictures, state_dict/load_state_dict, best_metric ("name", "min"|"max")."""
     epoch, step, skip_batches, best, since_best, seconds = 0, 0, 0, None, 0, 0.0
     partial = ({}, 0)  # loss sums and count of the batches of a stopped epoch done before the stop
+    batching = [getattr(batcher, "batch_size", None), dist.world_size()]
     if resume_state is not None:
+        saved = resume_state.get("batching", batching)
+        if resume_state.get("batch_in_epoch", 0) and list(saved) != batching:
+            raise UserError(f"the run stopped inside epoch {resume_state['epoch'] + 1} with batches of {saved[0]} on "
+                            f"{saved[1]} process(es): resume it with those (batch size and process count can "
+                            f"change at an epoch boundary)")
         stage.load_state_dict(resume_state["stage"])
         epoch, step = resume_state["epoch"], resume_state["step"]
         skip_batches, best = resume_state.get("batch_in_epoch", 0), resume_state.get("best")
@@ -101,13 +107,16 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
             print(f"resuming {stage.kind} at epoch {epoch} step {step}", file=sys.stderr)
             run.drop_metrics_after(stage.kind, step)
     metric_name, mode = stage.best_metric
+    if resume_state is not None and resume_state.get("best_metric", metric_name) != metric_name:
+        best, since_best = None, 0  # e.g. --eval_every changed: a loss cannot be compared with an FD
     bad_in_a_row = 0
 
     def checkpoint(name, batch_in_epoch=0, done_epochs=None, sums=None, count=0):
         if not dist.is_main():
             return
         state = {"kind": stage.kind, "config": cfg.to_dict(), "epoch": epoch if done_epochs is None else done_epochs,
-                 "step": step, "batch_in_epoch": batch_in_epoch, "best": best, "epochs_since_best": since_best,
+                 "step": step, "batch_in_epoch": batch_in_epoch, "batching": batching, "best": best,
+                 "best_metric": metric_name, "epochs_since_best": since_best,
                  "train_seconds": seconds + time.time() - t0,
                  "rng": rng_state(), "stage": stage.state_dict()}
         if batch_in_epoch:  # mid-epoch: the epoch's loss so far, so its logged mean covers every batch
@@ -116,10 +125,10 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
 
     run.save_config(cfg)  # only now: a run refused before this point leaves an earlier config.json alone
 
-    budget = None if max_minutes is None else 60.0 * max_minutes
+    budget = 60.0 * max_minutes if max_minutes else None  # None or 0: no budget
     if budget is not None and seconds >= budget and epoch < total_epochs and dist.is_main():
         tqdm.write(f"[{stage.kind}] its {max_minutes:g}-minute budget is spent ({seconds / 60:.1f} min); "
-                   f"give a larger one to train on")
+                   f"give a larger one to train on (0: none)")
     t0 = time.time()
     with _SignalCatcher() as signals:
         while epoch < total_epochs and (budget is None or seconds < budget):
@@ -190,7 +199,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
             out_of_time = dist.any_across_ranks(out_of_time)
             if out_of_time and dist.is_main():
                 tqdm.write(f"[{stage.kind}] stopping at epoch {epoch}: another epoch would pass the "
-                           f"{max_minutes:g}-minute budget ({seconds / 60:.1f} min used)")
+                           f"{max_minutes:g}-minute budget ({seconds / 60:.1f} min used; --minutes 0: no budget)")
             stop_early = stop_early or out_of_time
             if epoch % cfg.checkpoint_every == 0 or epoch == total_epochs or stop_early:
                 checkpoint(stage.last_name)

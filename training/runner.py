@@ -30,6 +30,10 @@ def resume_state_for(cfg, stage_cls, resume, checkpoint_path=None):
     path = checkpoint_path or os.path.join(cfg.results_dir, stage_cls.last_name)
     if checkpoint_path and not os.path.isfile(path):
         raise UserError(f"nothing to resume: {path} does not exist")
+    own = os.path.join(cfg.results_dir, stage_cls.last_name)
+    if checkpoint_path and os.path.isfile(own) and not os.path.samefile(own, path):
+        raise UserError(f"{cfg.results_dir} already holds another run's {stage_cls.last_name}: continue "
+                        f"{checkpoint_path} into a fresh --results_dir")
     if (resume or checkpoint_path) and os.path.isfile(path):
         state = load_checkpoint(path)
         check_compatible(state, cfg, stage_cls.kind, path)

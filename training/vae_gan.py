@@ -50,7 +50,10 @@ def load_vgg16(weights_path):
         raise UserError(f"VGG16 weights for the perceptual loss not found: looked for --vgg_weights "
                         f"({weights_path or 'not given'}) and the torch hub cache ({cached}); put torchvision's "
                         f"{VGG16_FILE} in one of them, or pass --perceptual_weight 0 to train without it")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a checkpoint, truncated, or pickled code weights_only refuses
+        raise UserError(f"{path} is not a readable VGG16 checkpoint: {str(e).splitlines()[0][:200]}") from None
     net = VGG16Features()
     wanted = net.features.state_dict().keys()
     try:
@@ -92,6 +95,21 @@ class CenterLoss(nn.Module):
         return pull, push
 
 
+class VAEWithCenters(nn.Module):
+    """The VAE, its latent classifier head and the class centers as one module, so that under
+    torchrun one DDP wrapper sees every generator parameter used in each step and averages all
+    their gradients (the centers included), whatever the loss weights of the moment."""
+
+    def __init__(self, vae, center_loss):
+        super().__init__()
+        self.vae, self.center_loss = vae, center_loss
+
+    def forward(self, x, y):
+        recon, mean, logvar, _ = self.vae(x)
+        pull, push = self.center_loss(mean.float(), y)
+        return recon, mean, logvar, self.vae.classify(mean), pull, push
+
+
 class VAEGANStage:
     kind = "vae_gan"
     last_name, best_name = "vae_gan_last.pt", "vae_gan_best.pt"
@@ -104,7 +122,7 @@ class VAEGANStage:
         latent_dim = cfg.latent_channels * self.vae.latent_size ** 2
         self.center_loss = CenterLoss(num_classes, latent_dim, cfg.center_margin).to(device)
         self.vgg = load_vgg16(cfg.vgg_weights).to(device) if cfg.perceptual_weight > 0 else None
-        self.vae_ddp = dist.wrap(self.vae, device)
+        self.generator_ddp = dist.wrap(VAEWithCenters(self.vae, self.center_loss), device)
         self.disc_ddp = dist.wrap(self.disc, device)
         gen_params = list(self.vae.parameters()) + list(self.center_loss.parameters())
         self.opt_g = make_optimizer(gen_params, cfg.vae_lr, betas=(0.5, 0.9), device=device)
@@ -119,22 +137,21 @@ class VAEGANStage:
         for group in (*self.opt_g.param_groups, *self.opt_d.param_groups):
             group["lr"] = lr
         with autocast(self.device, cfg.amp):
-            recon, mean, logvar, _ = self.vae_ddp(x)
-            losses = {"recon": (recon.float() - x).abs().mean(), "kl": kl_divergence(mean.float(), logvar.float())}
+            # The class terms are computed even at weight 0: DDP needs every parameter in the graph.
+            recon, mean, logvar, logits, pull, push = self.generator_ddp(x, y)
+            losses = {"recon": (recon.float() - x).abs().mean(), "kl": kl_divergence(mean.float(), logvar.float()),
+                      "classifier": F.cross_entropy(logits.float(), y), "center": pull, "repulsion": push}
             if self.vgg is not None:
                 losses["perceptual"] = perceptual_distance(self.vgg, recon.float(), x)
-            if w["classifier"] > 0:
-                losses["classifier"] = F.cross_entropy(self.vae.classify(mean).float(), y)
-                losses["center"], losses["repulsion"] = self.center_loss(mean.float(), y)
             if w["adversarial"] > 0:  # non-saturating GAN loss on the PatchGAN's logits
                 losses["adversarial"] = F.softplus(-self.disc_ddp(recon).float()).mean()
             total = sum(w[k] * v for k, v in losses.items())
         if not grads_finite_step(total, self.gen_params, self.opt_g, cfg.vae_grad_clip):
             return None
         if w["adversarial"] > 0:
-            with autocast(self.device, cfg.amp):
-                d_loss = (F.softplus(-self.disc_ddp(x).float()).mean()
-                          + F.softplus(self.disc_ddp(recon.detach()).float()).mean())
+            with autocast(self.device, cfg.amp):  # one forward of real and fake: DDP allows one per backward
+                real, fake = self.disc_ddp(torch.cat([x, recon.detach()])).float().chunk(2)
+                d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
             if not grads_finite_step(d_loss, list(self.disc.parameters()), self.opt_d, cfg.vae_grad_clip):
                 return None
             losses["discriminator"] = d_loss
