@@ -35,7 +35,7 @@ class Config:
     preset: str = "default"
     seed: int = 0
     device: str = "auto"
-    amp: str = "auto"                     # auto (bf16 on CUDA, fp32 elsewhere) | bf16 | fp16 | none
+    amp: str = "auto"                     # auto (bf16 on CUDA, fp16 before Ampere, fp32 elsewhere) | bf16 | fp16 | none
     compile: bool | None = None           # torch.compile the denoiser's training model (None: on CUDA)
     log_every: int = 50                   # steps between host syncs for logging
     picture_every: int = 10               # epochs between periodic pictures
@@ -252,7 +252,8 @@ def add_common_args(parser):
                                                       "validation split (default 0.1)")
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     g.add_argument("--amp", choices=AMP_MODES,
-                   help="mixed precision of training and sampling (auto: bf16 on CUDA, float32 elsewhere)")
+                   help="mixed precision of training and sampling (auto: bf16 on CUDA, fp16 with loss scaling "
+                        "on GPUs without native bf16, float32 elsewhere)")
     return parser
 
 

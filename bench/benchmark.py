@@ -34,6 +34,7 @@ from training.run import device_name, git_commit  # noqa: E402
 from models import build_denoiser, build_vae  # noqa: E402
 from training import denoiser as denoiser_module  # noqa: E402
 from training.loop import seed_everything, select_device  # noqa: E402
+from training.optim import amp_dtype  # noqa: E402
 
 NUM_CLASSES = 2  # the default dataset, cifar10_catdog
 SAMPLERS = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpmpp", 10), ("dpmpp", 20), ("dpmpp", 50), ("ddpm", 1000)]
@@ -104,9 +105,7 @@ def time_per_call(fn, device, *, warmup, repeats, calls=1):
 
 def compute_dtype(device, amp):
     """The dtype the training matmuls run in (training/optim.py's autocast rule)."""
-    if amp == "none" or (amp == "auto" and device.type != "cuda"):
-        return torch.float32
-    return torch.float16 if amp == "fp16" else torch.bfloat16
+    return amp_dtype(device, amp) or torch.float32
 
 
 def peak_flops(device, dtype):

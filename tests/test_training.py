@@ -211,3 +211,24 @@ def test_compiled_training_step_gives_the_eager_losses():
         return [float(stage.train_step(x, y, 0.0)["loss"]) for _ in range(2)]
 
     assert losses(True) == pytest.approx(losses(False), rel=1e-3)
+
+
+def test_fp16_trains_every_stage_with_loss_scaling(tmp_path, image_folder_root):
+    """--amp fp16 (and auto on GPUs without native bf16): each stage scales its losses with a
+    GradScaler per optimizer and saves the scalers for resume; bf16 and float32 need none."""
+    import main
+    from training.checkpoint import load_checkpoint
+    from training.optim import amp_dtype, make_scaler
+    cpu = torch.device("cpu")
+    assert amp_dtype(cpu, "auto") is None and make_scaler(cpu, "bf16") is None and make_scaler(cpu, "none") is None
+    assert isinstance(make_scaler(cpu, "fp16"), torch.amp.GradScaler)
+    flags = ["--dataset", "folder", "--data_root", str(image_folder_root), "--preset", "tiny", "--batch_size", "4",
+             "--image_size", "16", "--perceptual_weight", "0", "--picture_every", "100", "--amp", "fp16",
+             "--device", "cpu", "--adv_start_epoch", "0", "--results_dir", str(tmp_path)]
+    assert main.main(["--train_all", *flags, "--vae_epochs", "1", "--diffusion_epochs", "1"]) == 0
+    assert main.main(["--train_classifier", *flags, "--epochs", "1"]) == 0
+    vae = load_checkpoint(str(tmp_path / "vae_gan_last.pt"))["stage"]
+    denoiser = load_checkpoint(str(tmp_path / "conditional_diffusion_last.pt"))["stage"]
+    classifier = load_checkpoint(str(tmp_path / "classifier_last.pt"))["stage"]
+    for scaler in (vae["scaler_g"], vae["scaler_d"], denoiser["scaler"], classifier["scaler"]):
+        assert scaler["scale"] > 0

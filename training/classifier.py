@@ -11,7 +11,7 @@ from data.batcher import DeviceBatcher
 from evaluation.metrics import per_class_accuracy
 from models.classifier import ImageClassifier
 from training import distributed as dist
-from training.optim import autocast, grads_finite_step, make_optimizer
+from training.optim import autocast, grads_finite_step, make_optimizer, make_scaler
 
 CLASSIFIER_FILE = "classifier_best.pt"
 
@@ -47,12 +47,13 @@ class ClassifierStage:
         self.train_model = dist.wrap(self.model, device)
         self.opt = make_optimizer(self.model.parameters(), cfg.classifier_lr, weight_decay=5e-4, device=device)
         self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, cfg.classifier_lr, total_steps=max(steps_total, 1))
+        self.scaler = make_scaler(device, cfg.amp)
         self.val_images, self.val_labels = val_set.images, val_set.labels
 
     def train_step(self, x, y, epoch):
         with autocast(self.device, self.cfg.amp):
             loss = F.cross_entropy(self.train_model(random_translate(x)).float(), y, label_smoothing=0.1)
-        if not grads_finite_step(loss, list(self.model.parameters()), self.opt, self.cfg.grad_clip):
+        if not grads_finite_step(loss, list(self.model.parameters()), self.opt, self.cfg.grad_clip, self.scaler):
             return None
         if self.sched.last_epoch + 1 < self.sched.total_steps:
             self.sched.step()
@@ -70,13 +71,18 @@ class ClassifierStage:
         plot_losses(self.run, self.kind, self.run.path("classifier_losses.png"))
 
     def state_dict(self):
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "class_names": self.class_names, "width": self.cfg.classifier_width}
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                 "class_names": self.class_names, "width": self.cfg.classifier_width}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ from diffusion.objective import DiffusionLoss
 from models import build_denoiser
 from pipeline import Pipeline, make_schedule
 from training import distributed as dist
-from training.optim import autocast, grads_finite_step, lr_factor, make_ema, make_optimizer, warmup_schedule
+from training.optim import (autocast, grads_finite_step, lr_factor, make_ema, make_optimizer, make_scaler,
+                            warmup_schedule)
 
 
 def latent_standardization(means):
@@ -42,7 +43,7 @@ class DenoiserStage:
         self.progress = 0.0
         self.sched = warmup_schedule(self.opt, cfg.warmup_steps,
                                      lambda: lr_factor(cfg.lr_schedule, self.progress))
-        self.scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        self.scaler = make_scaler(device, cfg.amp)
         self.schedule = make_schedule(cfg)
         self.loss_fn = DiffusionLoss(self.schedule, cfg.prediction, cfg.loss_weighting, terms=cfg.loss,
                                      timestep_sampling=cfg.timestep_sampling)

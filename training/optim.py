@@ -39,13 +39,25 @@ def make_ema(model, decay):
     return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
 
 
-def autocast(device, amp):
-    """bf16 autocast on CUDA by default (no GradScaler needed); CPU and MPS run in fp32 unless
-    --amp bf16 is asked for explicitly."""
+def amp_dtype(device, amp):
+    """The autocast dtype --amp gives on this device (None: float32). auto: bf16 on GPUs that have
+    it natively (compute capability 8.0 and up), fp16 with loss scaling on older ones (emulated
+    bf16 is slow there), float32 on CPU and MPS unless --amp bf16 is asked for explicitly."""
     if amp == "none" or (amp == "auto" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
+def autocast(device, amp):
+    dtype = amp_dtype(device, amp)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def make_scaler(device, amp):
+    """A GradScaler under fp16, whose small gradients underflow unscaled; bf16 and fp32 need none."""
+    return torch.amp.GradScaler(device.type) if amp_dtype(device, amp) == torch.float16 else None
 
 
 def grads_finite_step(loss, params, optimizer, grad_clip, scaler=None):

@@ -12,7 +12,7 @@ from data import to_float
 from errors import UserError, offline
 from models import VGG16Features, build_discriminator, build_vae
 from training import distributed as dist
-from training.optim import autocast, grads_finite_step, lr_factor, make_optimizer
+from training.optim import autocast, grads_finite_step, lr_factor, make_optimizer, make_scaler
 
 VGG16_FILE = "vgg16-397923af.pth"
 
@@ -128,6 +128,7 @@ class VAEGANStage:
         self.opt_g = make_optimizer(gen_params, cfg.vae_lr, betas=(0.5, 0.9), device=device)
         self.opt_d = make_optimizer(self.disc.parameters(), cfg.vae_lr, betas=(0.5, 0.9), device=device)
         self.gen_params = gen_params
+        self.scaler_g, self.scaler_d = make_scaler(device, cfg.amp), make_scaler(device, cfg.amp)  # one per optimizer
         self.val_images, self.val_labels = val_set.images[:2000], val_set.labels[:2000]
 
     def train_step(self, x, y, epoch):
@@ -146,13 +147,14 @@ class VAEGANStage:
             if w["adversarial"] > 0:  # non-saturating GAN loss on the PatchGAN's logits
                 losses["adversarial"] = F.softplus(-self.disc_ddp(recon).float()).mean()
             total = sum(w[k] * v for k, v in losses.items())
-        if not grads_finite_step(total, self.gen_params, self.opt_g, cfg.vae_grad_clip):
+        if not grads_finite_step(total, self.gen_params, self.opt_g, cfg.vae_grad_clip, self.scaler_g):
             return None
         if w["adversarial"] > 0:
             with autocast(self.device, cfg.amp):  # one forward of real and fake: DDP allows one per backward
                 real, fake = self.disc_ddp(torch.cat([x, recon.detach()])).float().chunk(2)
                 d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
-            if not grads_finite_step(d_loss, list(self.disc.parameters()), self.opt_d, cfg.vae_grad_clip):
+            if not grads_finite_step(d_loss, list(self.disc.parameters()), self.opt_d, cfg.vae_grad_clip,
+                                     self.scaler_d):
                 return None
             losses["discriminator"] = d_loss
         losses["total"] = total
@@ -186,9 +188,12 @@ class VAEGANStage:
         plot_losses(self.run, self.kind, self.run.path("autoencoder_losses.png"))
 
     def state_dict(self):
-        return {"vae": self.vae.state_dict(), "disc": self.disc.state_dict(),
-                "center_loss": self.center_loss.state_dict(), "opt_g": self.opt_g.state_dict(),
-                "opt_d": self.opt_d.state_dict(), "class_names": list(self.class_names)}
+        state = {"vae": self.vae.state_dict(), "disc": self.disc.state_dict(),
+                 "center_loss": self.center_loss.state_dict(), "opt_g": self.opt_g.state_dict(),
+                 "opt_d": self.opt_d.state_dict(), "class_names": list(self.class_names)}
+        if self.scaler_g is not None:
+            state.update(scaler_g=self.scaler_g.state_dict(), scaler_d=self.scaler_d.state_dict())
+        return state
 
     def load_state_dict(self, state):
         self.vae.load_state_dict(state["vae"])
@@ -196,3 +201,6 @@ class VAEGANStage:
         self.center_loss.load_state_dict(state["center_loss"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        if self.scaler_g is not None and "scaler_g" in state:
+            self.scaler_g.load_state_dict(state["scaler_g"])
+            self.scaler_d.load_state_dict(state["scaler_d"])
