@@ -368,9 +368,14 @@ def validate(cfg):
     return cfg
 
 
-def save_config(cfg, path):
+def write_json(obj, path):
+    """Through a temporary file and a rename: a crash leaves the old file or the new, never half."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+        json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def save_config(cfg, path):
+    write_json(cfg.to_dict(), path)
 

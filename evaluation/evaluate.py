@@ -1,7 +1,6 @@
 """Evaluation of a trained run: offline metrics from the real-data classifier (per-class sample
 accuracy, Frechet distance and KID in its features, memorization), the standard Inception
 FID/KID when its weights are available, and the diffusion classifier."""
-import json
 import os
 import sys
 import time
@@ -9,6 +8,7 @@ import time
 import torch
 
 from data import load_dataset, to_uint8
+from config import write_json
 from errors import UserError
 from evaluation.metrics import extract_features, frechet_distance, kernel_inception_distance, per_class_accuracy
 from training.checkpoint import check_compatible, load_checkpoint
@@ -135,9 +135,7 @@ def evaluate_run(pipe, run_dir, args, seed):
                                                                        offline.val_labels, args.classify_images, seed)
     result["total_seconds"] = time.time() - start
     path = os.path.join(run_dir, "eval.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(result, path)
     print_table(result)
     print(path)
     return result
@@ -163,8 +161,7 @@ def classify_run(pipe, run_dir, args, seed):
         result = diffusion_classifier_accuracy(pipe, images, labels, limit, seed)
     result.update(class_names=pipe.class_names, checkpoint=pipe.checkpoint_path, device=device_name(pipe.device))
     path = os.path.join(run_dir, "classify.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(result, path)
     print(f"diffusion classifier: accuracy {result['accuracy']:.4f} on {result['images']} held-out images "
           f"in {result['seconds']:.1f} s")
     for name, acc in zip(pipe.class_names, result["per_class"]):

@@ -1,11 +1,11 @@
 """The real-data classifier stage (`main.py --train_classifier`): a small ResNet trained on the
 real training split; its held-out accuracy is the reference for the offline sample metrics."""
-import json
 import os
 
 import torch
 import torch.nn.functional as F
 
+from config import write_json
 from data import to_float
 from data.batcher import DeviceBatcher
 from evaluation.metrics import per_class_accuracy
@@ -115,8 +115,7 @@ def train_classifier(cfg, resume=False):
         report = evaluate_classifier(stage.model, val.images, val.labels, len(train.class_names), device)
         report["class_names"] = train.class_names
         report["heldout_images"] = len(val.images)
-        with open(run.path("classifier_report.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(report, run.path("classifier_report.json"))
         print(f"held-out accuracy {report['accuracy']:.4f} on {len(val.images)} images")
         for name, acc in zip(train.class_names, report["per_class"]):
             print(f"  {name:>24s}: {acc:.4f}")
