@@ -144,6 +144,10 @@ class Config:
         return 2 ** (len(self.vae_channel_mults) - 1)
 
     @property
+    def unet_downsampling(self):
+        return 2 ** (len(self.channel_mults) - 1)
+
+    @property
     def denoiser_size(self):
         """The side of what the denoiser sees: the VAE's latent or the image itself."""
         return self.image_size // self.vae_downsampling if self.is_latent else self.image_size
@@ -361,10 +365,10 @@ def validate(cfg):
     what = f"the {cfg.denoiser_size}x{cfg.denoiser_size} {'latent' if cfg.is_latent else 'image'}"
     if cfg.image_size is not None and cfg.model in TRANSFORMER_DENOISERS and cfg.denoiser_size % cfg.patch_size:
         raise UserError(f"--patch_size {cfg.patch_size} does not divide {what}")
-    unet_downsampling = 2 ** (len(cfg.channel_mults) - 1)
-    if cfg.image_size is not None and cfg.model not in TRANSFORMER_DENOISERS and cfg.denoiser_size % unet_downsampling:
+    unet = cfg.model not in TRANSFORMER_DENOISERS
+    if cfg.image_size is not None and unet and cfg.denoiser_size % cfg.unet_downsampling:
         raise UserError(f"--image_size {cfg.image_size}: the UNet halves {what} {len(cfg.channel_mults) - 1} "
-                        f"times, so its side must be divisible by {unet_downsampling}")
+                        f"times, so its side must be divisible by {cfg.unet_downsampling}")
     return cfg
 
 

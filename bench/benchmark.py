@@ -34,7 +34,7 @@ from training.run import device_name, git_commit  # noqa: E402
 from models import build_denoiser, build_vae  # noqa: E402
 from training import denoiser as denoiser_module  # noqa: E402
 from training.loop import seed_everything, select_device  # noqa: E402
-from training.optim import amp_dtype  # noqa: E402
+from training.optim import amp_dtype, compile_wanted  # noqa: E402
 
 NUM_CLASSES = 2  # the default dataset, cifar10_catdog
 SAMPLERS = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpmpp", 10), ("dpmpp", 20), ("dpmpp", 50), ("ddpm", 1000)]
@@ -381,7 +381,7 @@ def main():
     report = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
               "git_commit": commit, "git_dirty": dirty, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join([Path(sys.executable).name] + sys.argv), "settings": asdict(s),
-              "compile": device.type == "cuda" if args.compile is None else args.compile, "preset": args.preset,
+              "compile": compile_wanted(args.compile, device), "preset": args.preset,
               "compute_dtype": str(dtype), "peak_source": peak_source,
               "load_average_start": os.getloadavg()[0], "models": {}, "notes": notes}
 

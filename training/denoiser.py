@@ -8,8 +8,8 @@ from diffusion.objective import DiffusionLoss
 from models import build_denoiser
 from pipeline import Pipeline, make_schedule
 from training import distributed as dist
-from training.optim import (autocast, grads_finite_step, lr_factor, make_ema, make_optimizer, make_scaler,
-                            warmup_schedule)
+from training.optim import (autocast, compile_wanted, grads_finite_step, lr_factor, make_ema, make_optimizer,
+                            make_scaler, warmup_schedule)
 
 
 def latent_standardization(means):
@@ -35,7 +35,7 @@ class DenoiserStage:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = make_ema(self.model, cfg.ema_decay)
         self.train_model = dist.wrap(self.model, device)
-        if cfg.compile or (cfg.compile is None and device.type == "cuda"):
+        if compile_wanted(cfg.compile, device):
             self.train_model = torch.compile(self.train_model)
         self.opt = make_optimizer(self.model.parameters(), cfg.lr, cfg.weight_decay, device=device)
         # --lr_schedule: a function of the fractional epoch just trained (of --diffusion_epochs), like

@@ -55,6 +55,11 @@ def autocast(device, amp):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
+def compile_wanted(compile_flag, device):
+    """--compile / --no-compile, or by default on CUDA only (a CPU spends more compiling than it gains)."""
+    return device.type == "cuda" if compile_flag is None else compile_flag
+
+
 def make_scaler(device, amp):
     """A GradScaler under fp16, whose small gradients underflow unscaled; bf16 and fp32 need none."""
     return torch.amp.GradScaler(device.type) if amp_dtype(device, amp) == torch.float16 else None
