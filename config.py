@@ -3,6 +3,7 @@ flags shared by the three entry points, and validation of bad values."""
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -125,6 +126,7 @@ class Config:
     steps: int = 20
     guidance_scale: float = 16.0
     guidance_schedule: str = "linear"
+    guidance_interval: tuple | None = None  # (lo, hi]: guide only where lo < sigma_t / alpha_t <= hi
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -177,9 +179,9 @@ PRESETS = {
                  kl_start_epoch=0, kl_warmup_epochs=1, class_loss_start_epoch=0, class_loss_ramp_epochs=1,
                  adv_start_epoch=1, adv_ramp_epochs=1, ema_decay=0.9,
                  classifier_width=8, classifier_batch_size=32, classifier_epochs=2, eval_samples=32),
-    # The defaults as measured on a 2-core CPU (BENCHMARKS.md): bf16 autocast, which CPUs with
-    # avx512_bf16 run about 1.8x faster than float32 ("auto" keeps float32 on CPUs), and a picture
-    # and loss read-out every epoch of its short run.
+    # The defaults as measured on a 2-core CPU (BENCHMARKS.md): bf16 autocast even where "auto"
+    # would keep float32 (CPUs without native bf16), and a picture and loss read-out every epoch
+    # of its short run.
     "cpu": dict(amp="bf16", picture_every=1, log_every=20),
     # The S1 seed's settings: 1000-step linear schedule, epsilon prediction, ancestral sampling,
     # no EMA, no classifier-free guidance (no label dropout, scale 1).
@@ -256,8 +258,9 @@ def add_common_args(parser):
                                                       "validation split (default 0.1)")
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     g.add_argument("--amp", choices=AMP_MODES,
-                   help="mixed precision of training and sampling (auto: bf16 on CUDA, fp16 with loss scaling "
-                        "on GPUs without native bf16, float32 elsewhere)")
+                   help="mixed precision of training and sampling (auto: bf16 where the hardware has it natively, "
+                        "GPUs of compute capability 8.0+ and CPUs with AVX512-BF16 or AMX; fp16 with loss "
+                        "scaling on older GPUs; float32 elsewhere)")
     return parser
 
 
@@ -267,6 +270,9 @@ def add_sampling_args(parser):
     g.add_argument("--steps", type=int, help="sampling steps (network evaluations)")
     g.add_argument("--guidance_scale", type=float, help="classifier-free guidance; 1 = none, 0 = unconditional")
     g.add_argument("--guidance_schedule", choices=GUIDANCE_SCHEDULES)
+    g.add_argument("--guidance_interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at noise levels LO < sigma/alpha <= HI (the conditional model alone "
+                        "elsewhere); 0 and a value above the schedule's largest guide everywhere")
     return parser
 
 
@@ -307,7 +313,7 @@ def _plain(value):
 # one-cycle lr over its epochs and batches), and must match.
 RUNTIME_FIELDS = {"results_dir", "data_root", "device", "seed", "download", "amp", "compile", "log_every",
                   "picture_every", "checkpoint_every", "sampler", "steps", "guidance_scale",
-                  "guidance_schedule", "vae_epochs", "diffusion_epochs", "batch_size", "vae_batch_size",
+                  "guidance_schedule", "guidance_interval", "vae_epochs", "diffusion_epochs", "batch_size", "vae_batch_size",
                   "lr", "vae_lr", "subset", "max_bad_steps", "vgg_weights", "perceptual_weight",
                   "eval_every", "eval_samples", "classifier_path", "patience", "vae_minutes", "diffusion_minutes",
                   "vae_grad_clip"}
@@ -329,6 +335,8 @@ def validate(cfg):
         (cfg.timesteps >= 2, "--timesteps must be at least 2"),
         (1 <= cfg.steps <= cfg.timesteps, f"--steps must be between 1 and {cfg.timesteps}, got {cfg.steps}"),
         (0 <= cfg.guidance_scale <= 50, f"--guidance_scale must be between 0 and 50, got {cfg.guidance_scale}"),
+        (cfg.guidance_interval is None or 0 <= cfg.guidance_interval[0] < cfg.guidance_interval[1] < math.inf,
+         f"--guidance_interval LO HI needs 0 <= LO < HI and HI finite, got {_plain(cfg.guidance_interval)}"),
         (cfg.batch_size > 0 and cfg.vae_batch_size > 0, "--batch_size must be positive"),
         (cfg.lr > 0 and cfg.vae_lr > 0, "--lr must be positive"),
         (all(m is None or m >= 0 for m in (cfg.vae_minutes, cfg.diffusion_minutes)),

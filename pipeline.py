@@ -92,8 +92,9 @@ class Pipeline:
 
     @torch.inference_mode()
     def sample(self, labels, *, sampler=None, steps=None, guidance_scale=None, guidance_schedule=None,
-               seed=0, callback=None, x_T=None, decode=True, eta=0.0):
-        """Sample one image per label. Same seed, labels and settings: same images."""
+               guidance_interval=None, seed=0, callback=None, x_T=None, decode=True, eta=0.0):
+        """Sample one image per label. Same seed, labels and settings: same images. The sampling
+        settings default to the run's; guidance_interval=(0, math.inf) guides at every step."""
         cfg = self.cfg
         sampler, steps = sampler or cfg.sampler, steps or cfg.steps
         guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
@@ -105,7 +106,8 @@ class Pipeline:
         self.denoiser.eval()
         denoise = make_denoiser(self.network, self.schedule, cfg.prediction, labels, self.num_classes,
                                 guidance_scale, guidance_schedule or cfg.guidance_schedule,
-                                clip_x0=None if self.vae is not None else 1.0, steps=steps)
+                                clip_x0=None if self.vae is not None else 1.0, steps=steps,
+                                guidance_interval=guidance_interval or cfg.guidance_interval)
         noise_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
         z = run_sampler(sampler, denoise, x_T, self.schedule, steps, generator=noise_generator,
                         callback=callback, eta=eta)

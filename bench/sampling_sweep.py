@@ -3,10 +3,12 @@ distance and KID in the real-data classifier's features) for every sampler:steps
 asked for, on the same labels and seeds, with the real features computed once.
 
     python bench/sampling_sweep.py --results_dir RUN --samplers dpmpp:20,ddim:50 --guidance 1,2,3 \
-        [--guidance_schedules constant,linear] --num_samples 2000 --out bench/results/NAME.json
+        [--guidance_schedules constant,linear] [--guidance_intervals all,0.3:5] --num_samples 2000 \
+        --out bench/results/NAME.json
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -31,6 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--samplers", default="dpmpp:20", help="comma-separated sampler:steps")
     p.add_argument("--guidance", default="2", help="comma-separated guidance scales")
     p.add_argument("--guidance_schedules", help="comma-separated guidance schedules (default: the run's)")
+    p.add_argument("--guidance_intervals",
+                   help="comma-separated noise-level intervals LO:HI of sigma/alpha to guide in, or 'all' "
+                        "(default: the run's)")
     p.add_argument("--num_samples", type=int, default=2000)
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -68,31 +73,50 @@ def guidance_schedules(text):
     return names
 
 
+def guidance_intervals(text):
+    """'all,0.3:5' -> [(0, inf), (0.3, 5.0)]."""
+    intervals = []
+    for spec in text.split(","):
+        lo, colon, hi = spec.partition(":")
+        try:
+            interval = (0.0, math.inf) if spec == "all" else (float(lo), float(hi)) if colon else None
+        except ValueError:
+            interval = None
+        if interval is None or not 0 <= interval[0] < interval[1]:
+            raise UserError(f"--guidance_intervals: {spec!r} is not LO:HI with 0 <= LO < HI, or 'all'")
+        intervals.append(interval)
+    return intervals
+
+
 def main(argv=None):
     args = parse_args(argv)
     specs = sampler_specs(args.samplers)  # bad input fails here, before the run is loaded
     scales = guidance_scales(args.guidance)
     asked_schedules = guidance_schedules(args.guidance_schedules) if args.guidance_schedules else None
+    asked_intervals = guidance_intervals(args.guidance_intervals) if args.guidance_intervals else None
     device = torch.device(args.device)
     pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema,
                          overrides=argparse.Namespace(amp=args.amp))
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
                              pipe.num_classes)
     schedules = asked_schedules or [pipe.cfg.guidance_schedule]
+    intervals = asked_intervals or [pipe.cfg.guidance_interval or (0.0, math.inf)]
     labels = balanced_labels(args.num_samples, pipe.num_classes)
     rows = []
-    settings = [(sampler, steps, scale, schedule) for sampler, steps in specs
-                for scale in scales for schedule in schedules]
-    for sampler, steps, scale, schedule in settings:
+    settings = [(sampler, steps, scale, schedule, interval) for sampler, steps in specs
+                for scale in scales for schedule in schedules for interval in intervals]
+    for sampler, steps, scale, schedule, interval in settings:
         t0 = time.time()
         images = to_uint8(pipe.sample_batched(labels, batch_size=args.batch_size, seed=args.seed,
                                               sampler=sampler, steps=steps, guidance_scale=scale,
-                                              guidance_schedule=schedule))
+                                              guidance_schedule=schedule, guidance_interval=interval))
         seconds = time.time() - t0
         metrics = offline(images, labels, memorization=False)
         rows.append({"sampler": sampler, "steps": steps, "guidance_scale": scale, "guidance_schedule": schedule,
+                     "guidance_interval": [interval[0], interval[1] if interval[1] < math.inf else None],
                      "sampling_seconds": seconds, **metrics})
-        print(f"{sampler:>6s} {steps:>4d} steps  guidance {scale:<4g} {schedule:<8s}  "
+        print(f"{sampler:>6s} {steps:>4d} steps  guidance {scale:<4g} {schedule:<8s} "
+              f"in ({interval[0]:g}, {interval[1]:g}]  "
               f"accuracy {metrics['sample_accuracy']:.3f} "
               f"(ratio {metrics['accuracy_ratio']:.3f}, per class "
               f"{', '.join(f'{a:.3f}' for a in metrics['sample_accuracy_per_class'])})  "

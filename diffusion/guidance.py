@@ -2,6 +2,8 @@
 
 Convention: scale w mixes out = uncond + w (cond - uncond); w = 1 is the plain conditional
 model (the unconditional branch is then not even evaluated), w = 0 the unconditional one."""
+import math
+
 import torch
 
 from diffusion.objective import to_x0_eps
@@ -23,16 +25,31 @@ def guidance_scale_at(scale, schedule, progress):
     raise ValueError(f"unknown guidance schedule {schedule!r}")
 
 
+def in_guidance_interval(schedule, t, interval):
+    """Whether the noise level of timestep t (the first of the batch; samplers pass one) lies in
+    interval = (lo, hi], measured as noise over signal sigma_t / alpha_t (EDM's sigma). None:
+    every level. Kynkaanniemi et al. (2024) found guidance at high noise collapses the variety of
+    the samples and at low noise does next to nothing, so guiding only in between does better."""
+    if interval is None:
+        return True
+    abar = schedule.abar(t[:1]).item()
+    noise_over_signal = math.sqrt((1 - abar) / abar)
+    return interval[0] < noise_over_signal <= interval[1]
+
+
 def make_denoiser(model, schedule, prediction, labels, null_label, guidance_scale=1.0,
-                  guidance_schedule="constant", clip_x0=None, steps=None):
+                  guidance_schedule="constant", clip_x0=None, steps=None, guidance_interval=None):
     """Wrap a network model(x, t, y) into denoise(x, t) -> (x0_hat, eps_hat) with guidance.
-    `steps` (the sampler's step count) lets the scale schedule know how far along a call is."""
+    `steps` (the sampler's step count) lets the scale schedule know how far along a call is;
+    outside `guidance_interval` (see in_guidance_interval) the scale is 1."""
     calls = {"n": 0}
 
     def denoise(x, t):
         progress = min(calls["n"] / max((steps or 1) - 1, 1), 1.0)
         calls["n"] += 1
         w = guidance_scale_at(guidance_scale, guidance_schedule, progress)
+        if not in_guidance_interval(schedule, t, guidance_interval):
+            w = 1.0
         if w == 1.0:
             output = model(x, t, labels).float()
         else:

@@ -60,6 +60,7 @@ CASES = [
     case("main_image_size_zero", *M, "--image_size", "0", contains="--image_size"),
     case("main_steps_negative", *M, "--steps", "-1", contains="--steps"),
     case("main_guidance_negative", *M, "--guidance_scale", "-1", contains="--guidance_scale"),
+    case("main_guidance_interval_reversed", *M, "--guidance_interval", "5", "0.3", contains="--guidance_interval"),
     case("main_unknown_vae_lr_schedule", *M, "--vae_lr_schedule", "step_zzz", contains="--vae_lr_schedule"),
     case("main_unknown_lr_schedule", *M, "--lr_schedule", "step_zzz", contains="--lr_schedule"),
     case("main_width_not_split_into_heads", *M, "--model", "attn_unet", "--base_channels", "51",

@@ -210,6 +210,22 @@ def test_guidance_scale_one_is_exactly_unguided_and_zero_is_unconditional():
     assert torch.equal(eps, plain)  # bit-exact: the unconditional branch is not evaluated
 
 
+def test_guidance_interval_guides_only_at_the_noise_levels_inside_it():
+    sched = NoiseSchedule("linear", 100)
+    model, x, labels = ToyModel(), torch.randn(3, 2, 4, 4), torch.tensor([0, 1, 1])
+    abar = sched.alphas_cumprod
+    noise_over_signal = ((1 - abar) / abar).sqrt()
+    interval = (float(noise_over_signal[30]), float(noise_over_signal[60]))  # (lo, hi]: t = 31 .. 60
+    guided = make_denoiser(model, sched, "eps", labels, 2, 3.0)
+    gated = make_denoiser(model, sched, "eps", labels, 2, 3.0, guidance_interval=interval)
+    for step in (0, 30, 31, 60, 61, 99):
+        t = torch.full((3,), step)
+        expected = guided(x, t)[1] if 31 <= step <= 60 else model(x, t, labels)
+        assert torch.equal(gated(x, t)[1], expected), step
+    everywhere = make_denoiser(model, sched, "eps", labels, 2, 3.0, guidance_interval=(0.0, math.inf))
+    assert torch.equal(everywhere(x, torch.full((3,), 99))[1], guided(x, torch.full((3,), 99))[1])
+
+
 def test_guidance_schedules_average_to_the_constant_scale():
     for name in ("constant", "linear", "adaptive"):
         values = [guidance_scale_at(3.0, name, p / 299) for p in range(300)]

@@ -198,6 +198,14 @@ def test_sampling_sweep_scores_every_setting_with_either_weights(latent_run, rea
         (1.0, "constant"), (1.0, "linear"), (2.0, "constant"), (2.0, "linear")]
     assert rows[0]["classifier_fd"] == rows[1]["classifier_fd"]  # at scale 1 a schedule has nothing to scale
     assert rows[2]["classifier_fd"] != rows[3]["classifier_fd"]
+    # Guidance intervals: everywhere (the run's) by default, or those asked for; an interval no
+    # sampled noise level falls into is the unguided model.
+    intervals = str(tmp_path / "intervals.json")
+    assert run_main(sampling_sweep.main, base + ["--samplers", "dpmpp:3", "--guidance", "1,2",
+                                                 "--guidance_intervals", "all,0:1e-6", "--out", intervals]) == 0
+    rows = json.load(open(intervals))["rows"]
+    assert [r["guidance_interval"] for r in rows] == [[0, None], [0, 1e-6]] * 2
+    assert rows[0]["classifier_fd"] == rows[1]["classifier_fd"] == rows[3]["classifier_fd"] != rows[2]["classifier_fd"]
     reports = {w: json.load(open(path)) for w, path in out.items()}
     assert [reports[w]["weights"] for w in out] == ["ema", "raw", "ema"]
     assert [reports[w]["amp"] for w in out] == ["auto", "auto", "bf16"]  # the run's, or the one asked for
@@ -215,6 +223,8 @@ def test_sampling_sweep_scores_every_setting_with_either_weights(latent_run, rea
     assert "--guidance_schedules" in capsys.readouterr().err
     assert run_main(sampling_sweep.main, base + ["--guidance", "2,strong"]) == 2
     assert "--guidance" in capsys.readouterr().err
+    assert run_main(sampling_sweep.main, base + ["--guidance_intervals", "5:0.3"]) == 2
+    assert "--guidance_intervals" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model", ["unet", "attn_unet", "transformer"])

@@ -213,6 +213,21 @@ def test_compiled_training_step_gives_the_eager_losses():
     assert losses(True) == pytest.approx(losses(False), rel=1e-3)
 
 
+def test_auto_precision_is_bf16_only_on_cpus_that_have_it(monkeypatch):
+    import os
+    from training import optim
+    cpu = torch.device("cpu")
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(optim, "cpu_has_native_bf16", lambda: native)
+        assert optim.amp_dtype(cpu, "auto") == expected
+        assert optim.amp_dtype(cpu, "bf16") == torch.bfloat16 and optim.amp_dtype(cpu, "none") is None
+    assert optim.amp_dtype(torch.device("mps"), "auto") is None
+    # The real reading agrees with what the machine's own flags say.
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    monkeypatch.undo()
+    assert optim.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
 def test_fp16_trains_every_stage_with_loss_scaling(tmp_path, image_folder_root):
     """--amp fp16 (and auto on GPUs without native bf16): each stage scales its losses with a
     GradScaler per optimizer and saves the scalers for resume; bf16 and float32 need none."""
@@ -220,7 +235,7 @@ def test_fp16_trains_every_stage_with_loss_scaling(tmp_path, image_folder_root):
     from training.checkpoint import load_checkpoint
     from training.optim import amp_dtype, make_scaler
     cpu = torch.device("cpu")
-    assert amp_dtype(cpu, "auto") is None and make_scaler(cpu, "bf16") is None and make_scaler(cpu, "none") is None
+    assert make_scaler(cpu, "bf16") is None and make_scaler(cpu, "none") is None and make_scaler(cpu, "auto") is None
     assert isinstance(make_scaler(cpu, "fp16"), torch.amp.GradScaler)
     flags = ["--dataset", "folder", "--data_root", str(image_folder_root), "--preset", "tiny", "--batch_size", "4",
              "--image_size", "16", "--perceptual_weight", "0", "--picture_every", "100", "--amp", "fp16",
