@@ -313,8 +313,8 @@ def _plain(value):
 # one-cycle lr over its epochs and batches), and must match.
 RUNTIME_FIELDS = {"results_dir", "data_root", "device", "seed", "download", "amp", "compile", "log_every",
                   "picture_every", "checkpoint_every", "sampler", "steps", "guidance_scale",
-                  "guidance_schedule", "guidance_interval", "vae_epochs", "diffusion_epochs", "batch_size", "vae_batch_size",
-                  "lr", "vae_lr", "subset", "max_bad_steps", "vgg_weights", "perceptual_weight",
+                  "guidance_schedule", "guidance_interval", "vae_epochs", "diffusion_epochs", "batch_size",
+                  "vae_batch_size", "lr", "vae_lr", "subset", "max_bad_steps", "vgg_weights", "perceptual_weight",
                   "eval_every", "eval_samples", "classifier_path", "patience", "vae_minutes", "diffusion_minutes",
                   "vae_grad_clip"}
 

@@ -114,7 +114,8 @@ def evaluate_run(pipe, run_dir, args, seed):
     sampling_seconds = time.time() - t0
     result = {"num_samples": n, "seed": seed, "sampler": cfg.sampler, "steps": cfg.steps,
               "guidance_scale": cfg.guidance_scale, "guidance_schedule": cfg.guidance_schedule,
-              "guidance_interval": cfg.guidance_interval, "checkpoint": pipe.checkpoint_path, "classifier": classifier.checkpoint_path,
+              "guidance_interval": cfg.guidance_interval, "checkpoint": pipe.checkpoint_path,
+              "classifier": classifier.checkpoint_path,
               "dataset": cfg.dataset, "device": device_name(device), "commit": git_commit()[0],
               "sampling_seconds": sampling_seconds, "class_names": pipe.class_names}
     result.update(offline(images, labels))

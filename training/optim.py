@@ -59,9 +59,9 @@ def amp_dtype(device, amp):
     loss scaling on older GPUs (emulated bf16 is slow there), float32 on other CPUs and on MPS."""
     if amp == "none":
         return None
-    if amp == "auto" and device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
     return torch.float16 if amp == "fp16" else torch.bfloat16
 
