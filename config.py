@@ -276,11 +276,29 @@ def add_sampling_args(parser):
     return parser
 
 
+def _refuse_options_of_other_datasets(flags, dataset):
+    from data import dataset_options  # late import: data imports nothing from here
+    for name in ("attribute", "flowers_splits"):
+        if name in flags and name not in dataset_options(dataset):
+            raise UserError(f"--{name} does not apply to --dataset {dataset}")
+
+
+def refuse_unused_flags(args, used, policed, what):
+    """A flag that `what` does not read is refused, never parsed and ignored."""
+    for name in sorted(policed - set(used)):
+        if getattr(args, name, None) not in (None, False):
+            raise UserError(f"--{name} does not apply to {what}")
+
+
+SAMPLING_FLAGS = {"sampler", "steps", "guidance_scale", "guidance_schedule", "guidance_interval", "amp"}
+
+
 def build_config(args, base=None):
     """Defaults -> dataset recipe -> model recipe -> preset -> the dataset recipe's settings for
     that preset -> explicit flags. `base` (a saved run's config) replaces all but the flags when
     continuing or sampling from a run."""
     flags = {k: v for k, v in vars(args).items() if v is not None and k in Config.__dataclass_fields__}
+    _refuse_options_of_other_datasets(flags, flags.get("dataset", base.dataset if base else Config.dataset))
     if base is not None:
         for name, value in flags.items():  # a flag the saved run cannot honour is refused, not ignored
             saved = getattr(base, name)
@@ -338,12 +356,23 @@ def validate(cfg):
         (cfg.guidance_interval is None or 0 <= cfg.guidance_interval[0] < cfg.guidance_interval[1] < math.inf,
          f"--guidance_interval LO HI needs 0 <= LO < HI and HI finite, got {_plain(cfg.guidance_interval)}"),
         (cfg.batch_size > 0 and cfg.vae_batch_size > 0, "--batch_size must be positive"),
-        (cfg.lr > 0 and cfg.vae_lr > 0, "--lr must be positive"),
+        (all(math.isfinite(v) and v > 0 for v in (cfg.lr, cfg.vae_lr, cfg.classifier_lr)),
+         "--lr must be a positive number"),
+        (min(cfg.log_every, cfg.picture_every, cfg.checkpoint_every, cfg.max_bad_steps) >= 1,
+         "--log_every, --picture_every and --checkpoint_every must be at least 1"),
+        (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
+        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0, "--weight_decay and --grad_clip must not be negative"),
+        (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
+        (cfg.warmup_steps >= 0, f"--warmup_steps must not be negative, got {cfg.warmup_steps}"),
+        (cfg.eval_every >= 0, f"--eval_every must not be negative (0: off), got {cfg.eval_every}"),
+        (min(cfg.kl_weight, cfg.perceptual_weight, cfg.classifier_weight, cfg.center_weight, cfg.repulsion_weight,
+             cfg.adv_weight) >= 0, "loss weights must not be negative"),
         (all(m is None or m >= 0 for m in (cfg.vae_minutes, cfg.diffusion_minutes)),
          "--minutes, --vae_minutes and --diffusion_minutes must be positive (0: no budget)"),
         (cfg.vae_grad_clip >= 0, "--vae_grad_clip must not be negative (0: off)"),
         (cfg.vae_res_blocks >= 0, f"--vae_res_blocks must not be negative, got {cfg.vae_res_blocks}"),
-        (cfg.vae_epochs >= 0 and cfg.diffusion_epochs >= 0, "epochs must not be negative"),
+        (min(cfg.vae_epochs, cfg.diffusion_epochs, cfg.classifier_epochs) >= 1,
+         "--epochs, --vae_epochs and --diffusion_epochs must be at least 1"),
         (cfg.subset is None or cfg.subset > 0, f"--subset must be positive, got {cfg.subset}"),
         (cfg.image_size is None or cfg.image_size >= 8, f"--image_size must be at least 8, got {cfg.image_size}"),
         (0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), got {cfg.val_fraction}"),

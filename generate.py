@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from config import ArgumentParser, add_common_args, add_sampling_args
+from config import SAMPLING_FLAGS, ArgumentParser, add_common_args, add_sampling_args, build_config, refuse_unused_flags
 from data import safe_name
 from errors import UserError, run_main
 
@@ -13,14 +13,16 @@ from errors import UserError, run_main
 def parse_args(argv=None):
     p = ArgumentParser(prog="generate.py", description=__doc__)
     p.add_argument("--model_path", help="a denoiser checkpoint (instead of --results_dir)")
-    p.add_argument("--class_name", default="all", help="class to sample, or 'all' (default)")
+    p.add_argument("--class_name", help="class to sample or animate, or 'all' (default)")
     p.add_argument("--num_samples", type=int,
                    help="images per class (default 10); with --evaluate the total, balanced over classes "
                         "(default 2000); with --classify the held-out images to classify (default 200)")
-    p.add_argument("--create_animation", action="store_true", help="GIF of one reverse-diffusion run")
-    p.add_argument("--evaluate", action="store_true", help="compute every metric and write eval.json")
-    p.add_argument("--classify", action="store_true", help="classify held-out real images with the denoiser")
-    p.add_argument("--output_dir", help="where images go (default <results_dir>/generated)")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--create_animation", action="store_true", help="GIF of one reverse-diffusion run")
+    action.add_argument("--evaluate", action="store_true", help="compute every metric and write eval.json")
+    action.add_argument("--classify", action="store_true", help="classify held-out real images with the denoiser")
+    p.add_argument("--output_dir", help="where the results go (default <results_dir>/generated for images, "
+                                        "<results_dir> for the rest)")
     p.add_argument("--inception_weights", help="path to pt_inception-2015-12-05-6726825d.pth for FID/KID")
     p.add_argument("--no_fid", action="store_true", help="--evaluate without the Inception metrics")
     p.add_argument("--classifier_path", help="real-data classifier (default results/<dataset>_classifier/...)")
@@ -34,6 +36,20 @@ def parse_args(argv=None):
         raise UserError(f"--num_samples must be positive, got {args.num_samples}")
     if args.steps is not None and args.steps <= 0:
         raise UserError(f"--steps must be positive, got {args.steps}")
+    if args.classify_images is not None and args.classify_images < 0:
+        raise UserError(f"--classify_images must not be negative, got {args.classify_images}")
+    action = ("--evaluate" if args.evaluate else "--classify" if args.classify
+              else "--create_animation" if args.create_animation else "sampling")
+    policed = {"class_name", "num_samples", "batch_size", "seed", "output_dir", "subset", "download",
+               "inception_weights", "no_fid", "classifier_path", "classify_images"} | SAMPLING_FLAGS
+    used = {"--evaluate": {"num_samples", "batch_size", "seed", "output_dir", "inception_weights", "no_fid",
+                           "classifier_path", "classify_images"} | SAMPLING_FLAGS,
+            "--classify": {"num_samples", "seed", "output_dir", "amp"},
+            "--create_animation": {"class_name", "seed", "output_dir"} | SAMPLING_FLAGS,
+            "sampling": {"class_name", "num_samples", "batch_size", "seed", "output_dir"} | SAMPLING_FLAGS}[action]
+    refuse_unused_flags(args, used, policed, action)
+    if args.results_dir is None and args.model_path is None:  # README's default run folder
+        args.results_dir = build_config(args).results_dir
     return args
 
 
@@ -43,35 +59,34 @@ def main(argv=None):
     from viz import figures
     args = parse_args(argv)
     device = select_device(args.device)
-    if args.results_dir is None and args.model_path is None:
-        raise UserError("give --results_dir (a trained run's folder) or --model_path (a checkpoint)")
     pipe = load_pipeline(args.results_dir, args.model_path, device, overrides=args)
     run_dir = args.results_dir or os.path.dirname(os.path.abspath(args.model_path))
+    out = args.output_dir or (os.path.join(run_dir, "generated") if not (args.evaluate or args.classify or
+                                                                        args.create_animation) else run_dir)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:  # e.g. a path under a regular file
+        raise UserError(f"cannot write to the output folder {out}: {e.strerror}") from None
     seed = pipe.cfg.seed if args.seed is None else args.seed
     if args.evaluate:
         from evaluation.evaluate import evaluate_run
         if args.classify_images is None:
             args.classify_images = 100 if pipe.num_classes <= 10 else 0
-        evaluate_run(pipe, run_dir, args, seed)
+        evaluate_run(pipe, run_dir, args, seed, out_dir=out)
         return 0
     if args.classify:
         from evaluation.evaluate import classify_run
-        classify_run(pipe, run_dir, args, seed)
+        classify_run(pipe, out, args, seed)
         return 0
-    classes = (list(range(pipe.num_classes)) if args.class_name.lower() == "all"
-               else [pipe.class_index(args.class_name)])
+    class_name = args.class_name or "all"
+    classes = list(range(pipe.num_classes)) if class_name.lower() == "all" else [pipe.class_index(class_name)]
     if args.create_animation:
         for c in figures.pick_classes(pipe.class_names) if len(classes) > 10 else classes:  # a spread of many
-            path = os.path.join(run_dir, f"diffusion_animation_{safe_name(pipe.class_names[c])}.gif")
+            path = os.path.join(out, f"diffusion_animation_{safe_name(pipe.class_names[c])}.gif")
             figures.denoising_animation(pipe, c, path, seed=seed)
             print(path)
         return 0
     per_class = args.num_samples or 10
-    out = args.output_dir or os.path.join(run_dir, "generated")
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:  # e.g. a path under a regular file
-        raise UserError(f"cannot write to the output folder {out}: {e.strerror}") from None
     for c in classes:
         name = safe_name(pipe.class_names[c])
         images = pipe.sample_batched(torch.full((per_class,), c), batch_size=args.batch_size or 256, seed=seed)

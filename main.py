@@ -76,8 +76,8 @@ def parse_args(argv=None):
                    help="mse, or S2's balanced loss (MSE, L1, cosine, Laplacian, Sobel by noise level)")
     g.add_argument("--timestep_sampling", choices=TIMESTEP_SAMPLINGS,
                    help="adaptive: importance-sample noise levels by their loss")
-    g.add_argument("--patience", type=int, help="early stopping: epochs without a better held-out metric "
-                                                "(default 10; 0 never stops)")
+    g.add_argument("--patience", type=int, help="early stopping: held-out evaluations (each epoch, or each "
+                                                "--eval_every) without a better metric (default 10; 0 never stops)")
     g.add_argument("--ema_decay", type=float)
     g.add_argument("--warmup_steps", type=int, help="denoiser lr: linear warm-up over this many steps")
     g.add_argument("--lr_schedule", choices=LR_SCHEDULES,
@@ -129,6 +129,11 @@ def stage_overrides(args):
                 setattr(args, field, getattr(args, flag))
     if (args.checkpoint_path is None) != (args.total_epochs is None):
         raise UserError("--checkpoint_path and --total_epochs go together")
+    if args.total_epochs is not None and args.total_epochs < 1:
+        raise UserError(f"--total_epochs must be at least 1, got {args.total_epochs}")
+    if args.checkpoint_path and args.resume:
+        raise UserError("--resume continues the run in --results_dir, --checkpoint_path a given checkpoint: "
+                        "give one of them")
     return args
 
 
@@ -149,21 +154,23 @@ def main(argv=None):
                  (["conditional_diffusion_last.pt"] if args.train_diffusion or args.train_all else []) + \
                  (["classifier_last.pt"] if args.train_classifier else [])
         cfg = runner.config_for_saved_run(args, stages)
+        stage_config = lambda name: runner.config_for_saved_run(args, stages, name)  # noqa: E731
     else:
         if args.train_classifier and args.results_dir is None:
             from training.classifier import default_classifier_dir
             args.results_dir = default_classifier_dir(build_config(args))
         cfg = build_config(args)
+        stage_config = lambda name: cfg  # noqa: E731
     if args.train_classifier:
         from training.classifier import train_classifier
-        train_classifier(cfg, resume=args.resume)
+        train_classifier(stage_config("classifier_last.pt"), resume=args.resume)
         return 0
     if (args.train_vae or args.train_all) and cfg.is_latent:
-        runner.train_vae(cfg, resume=args.resume)
+        runner.train_vae(stage_config("vae_gan_last.pt"), resume=args.resume)
     elif args.train_vae:
         raise UserError(f"--model {cfg.model} works in pixel space and has no VAE; use --train_diffusion")
     if args.train_diffusion or args.train_all:
-        runner.train_diffusion(cfg, resume=args.resume)
+        runner.train_diffusion(stage_config("conditional_diffusion_last.pt"), resume=args.resume)
     return 0
 
 

@@ -108,7 +108,10 @@ class Pipeline:
                                 guidance_scale, guidance_schedule or cfg.guidance_schedule,
                                 clip_x0=None if self.vae is not None else 1.0, steps=steps,
                                 guidance_interval=guidance_interval or cfg.guidance_interval)
-        noise_generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+        # DDPM's noise from a seed drawn off the same stream: seed + 1 would replay the next
+        # batch's x_T when sample_batched runs batches of one.
+        noise_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        noise_generator = torch.Generator(device=self.device).manual_seed(noise_seed)
         z = run_sampler(sampler, denoise, x_T, self.schedule, steps, generator=noise_generator,
                         callback=callback, eta=eta)
         self.denoiser.train(was_training)
@@ -126,6 +129,9 @@ class Pipeline:
 
 def resolve_denoiser_path(results_dir=None, model_path=None):
     if model_path:
+        if os.path.isdir(model_path):
+            raise UserError(f"--model_path {model_path} is a folder: give the checkpoint file, or the folder "
+                            f"as --results_dir")
         if not os.path.isfile(model_path):
             raise UserError(f"--model_path {model_path} does not exist")
         return model_path
@@ -159,10 +165,14 @@ def load_pipeline(results_dir=None, model_path=None, device="cpu", overrides=Non
     state = load_checkpoint(path, "denoiser checkpoint")
     if state["kind"] != "conditional_diffusion":
         raise UserError(f"{path} holds a {state['kind']} checkpoint, not a denoiser")
+    stage = state.get("stage")
+    needed = ("class_names", "sample_size", "ema" if use_ema else "model")
+    missing = [k for k in needed if not isinstance(stage, dict) or k not in stage]
+    if missing:
+        raise UserError(f"{path} is not a complete denoiser checkpoint (no {', '.join(missing)} inside)")
     cfg = Config.from_dict(state["config"])
     if overrides is not None:
         cfg = build_config(overrides, base=cfg)
-    stage = state["stage"]
     class_names = stage["class_names"]
     in_channels = cfg.latent_channels if cfg.is_latent else 3
     size = stage["sample_size"]

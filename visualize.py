@@ -4,11 +4,21 @@ import sys
 
 import torch
 
-from config import ArgumentParser, add_common_args, add_sampling_args
+from config import SAMPLING_FLAGS, ArgumentParser, add_common_args, add_sampling_args, build_config, refuse_unused_flags
 from errors import UserError, run_main
 
-MODES = ("latent_space", "samples_grid", "denoising_steps", "reconstructions", "loss_curves",
-         "forward_process", "steps_comparison", "denoising_path")
+# What each mode reads beyond the run, its data and the device: any other flag is refused.
+MODE_FLAGS = {
+    "latent_space": {"classes", "seed"},
+    "samples_grid": {"classes", "num_samples", "seed"} | SAMPLING_FLAGS,
+    "denoising_steps": {"class_name", "seed"} | SAMPLING_FLAGS,
+    "reconstructions": set(),
+    "loss_curves": set(),
+    "forward_process": {"class_name", "seed"},
+    "steps_comparison": {"class_name", "seed"} | SAMPLING_FLAGS,
+    "denoising_path": {"class_name", "classes", "num_samples", "seed"} | SAMPLING_FLAGS,
+}
+MODES = tuple(MODE_FLAGS)
 
 
 def parse_args(argv=None):
@@ -17,12 +27,19 @@ def parse_args(argv=None):
     p.add_argument("--model_path", help="a denoiser checkpoint (instead of --results_dir)")
     p.add_argument("--class_name", help="class for the single-class modes (default: the first)")
     p.add_argument("--classes", nargs="+", help="classes to show (default: all, or a spread of 10)")
-    p.add_argument("--num_samples", type=int, default=8, help="images per class or paths (default 8)")
+    p.add_argument("--num_samples", type=int, help="images per class or paths (default 8)")
     add_common_args(p)
     add_sampling_args(p)
     args = p.parse_args(argv)
-    if args.num_samples <= 0:
+    if args.num_samples is not None and args.num_samples <= 0:
         raise UserError(f"--num_samples must be positive, got {args.num_samples}")
+    if args.steps is not None and args.steps <= 0:
+        raise UserError(f"--steps must be positive, got {args.steps}")
+    policed = set().union(*MODE_FLAGS.values()) | {"batch_size", "subset", "download"}
+    refuse_unused_flags(args, MODE_FLAGS[args.mode], policed, f"--mode {args.mode}")
+    args.num_samples = args.num_samples or 8
+    if args.results_dir is None and args.model_path is None:  # README's default run folder
+        args.results_dir = build_config(args).results_dir
     return args
 
 
@@ -30,8 +47,8 @@ def main(argv=None):
     from data import safe_name
     from viz import figures
     args = parse_args(argv)
-    run_dir = args.results_dir or (os.path.dirname(os.path.abspath(args.model_path)) if args.model_path else None)
-    if run_dir is None or not os.path.isdir(run_dir):
+    run_dir = args.results_dir or os.path.dirname(os.path.abspath(args.model_path))
+    if not os.path.isdir(run_dir):
         raise UserError(f"results folder {run_dir} does not exist; give --results_dir of a trained run")
     out = lambda name: os.path.join(run_dir, name)  # noqa: E731
     if args.mode == "loss_curves":
@@ -63,13 +80,17 @@ def main(argv=None):
         figures.denoising_steps_figure(pipe, label, path, seed=seed)
     elif args.mode == "steps_comparison":
         path = out(f"steps_comparison_{name}.png")
-        figures.steps_comparison_figure(pipe, label, path, seed=seed,
+        # --steps N: N/8, N/4, N/2 and N steps (the default 5, 10, 20, 40 is N = 40)
+        counts = sorted({max(1, (args.steps or 40) // d) for d in (8, 4, 2, 1)})
+        figures.steps_comparison_figure(pipe, label, path, seed=seed, step_counts=tuple(counts),
                                         samplers=(args.sampler,) if args.sampler else ("ddim", "dpmpp", "ddpm"))
     elif args.mode == "forward_process":
         images, labels = _held_out(pipe.cfg)
         pick = (labels == label).nonzero().flatten()
+        if not len(pick):
+            raise UserError(f"no held-out image of class {pipe.class_names[label]} to noise")
         path = out("forward_process.png")
-        figures.forward_process_figure(pipe.schedule, images[pick[0] if len(pick) else 0], path, seed=seed)
+        figures.forward_process_figure(pipe.schedule, images[pick[0]], path, seed=seed)
     elif args.mode in ("latent_space", "denoising_path"):
         if pipe.vae is None:
             raise UserError(f"--mode {args.mode} needs a latent model; {run_dir} holds a pixel-space "
@@ -101,28 +122,43 @@ def _held_out(cfg, limit=None):
 
 
 def _centers(pipe):
-    """The VAE's learned class centers, in the denoiser's standardized latent space."""
-    from pipeline import load_vae_state
-    state, _ = load_vae_state(os.path.dirname(pipe.checkpoint_path), pipe.cfg)  # refuse another run's VAE
+    """The VAE's learned class centers, in the denoiser's standardized latent space; None (the
+    figure goes without) for a checkpoint with no VAE stage beside it."""
+    from pipeline import VAE_FILES, load_vae_state
+    folder = os.path.dirname(pipe.checkpoint_path)
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in VAE_FILES):
+        print(f"note: no VAE checkpoint beside {pipe.checkpoint_path}: the figure has no class centers",
+              file=sys.stderr)
+        return None
+    state, _ = load_vae_state(folder, pipe.cfg)  # refuse another run's VAE
     centers = state["stage"]["center_loss"]["centers"].to(pipe.device)
     shape = (len(centers),) + pipe.sample_shape
     return ((centers.view(shape) - pipe.latent_shift) / pipe.latent_scale).flatten(1).cpu().numpy()
 
 
 def _reconstructions(args, run_dir, out):
+    """The run's VAE stage; with --model_path, or in a folder with a denoiser but no VAE stage,
+    the VAE inside the denoiser checkpoint."""
     from config import Config
     from models import build_vae
-    from pipeline import load_vae_state
+    from pipeline import DENOISER_FILES, VAE_FILES, load_pipeline, load_vae_state
     from training.loop import select_device
     from viz import figures
-    state, _ = load_vae_state(run_dir)
-    cfg = Config.from_dict(state["config"])
-    if args.data_root:
-        cfg.data_root = args.data_root
-    class_names = state["stage"]["class_names"]
-    vae = build_vae(cfg, len(class_names), cfg.image_size)
-    vae.load_state_dict(state["stage"]["vae"])
-    vae.to(select_device(args.device))
+    device = select_device(args.device)
+    in_folder = lambda names: any(os.path.isfile(os.path.join(run_dir, n)) for n in names)  # noqa: E731
+    if args.model_path or (not in_folder(VAE_FILES) and in_folder(DENOISER_FILES)):
+        pipe = load_pipeline(args.results_dir, args.model_path, device, overrides=args)
+        if pipe.vae is None:
+            raise UserError(f"--mode reconstructions needs a latent model; {pipe.checkpoint_path} is a "
+                            f"pixel-space {pipe.cfg.model}")
+        cfg, class_names, vae = pipe.cfg, pipe.class_names, pipe.vae
+    else:
+        state, _ = load_vae_state(run_dir)
+        cfg = build_config(args, base=Config.from_dict(state["config"]))  # as the other modes: runtime flags only
+        class_names = state["stage"]["class_names"]
+        vae = build_vae(cfg, len(class_names), cfg.image_size)
+        vae.load_state_dict(state["stage"]["vae"])
+        vae.to(device)
     images, labels = _held_out(cfg, limit=2000)
     target = out("reconstructions.png")
     figures.reconstruction_grid(vae, images, labels, class_names, target)

@@ -6,6 +6,7 @@ decodes only what is asked for, and caches the result for the life of the proces
 """
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,14 @@ def clear_cache() -> None:
     _DECODED.clear()
 
 
+def split_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """A fingerprint of a split's pixels and labels: two runs hold out the same images exactly
+    when their held-out splits have the same digest."""
+    h = hashlib.sha256(images.contiguous().numpy())
+    h.update(labels.to(torch.int64).contiguous().numpy())
+    return h.hexdigest()[:16]
+
+
 def load_dataset(name: str, root: str | Path | None, split: str, image_size: int | None = None, *,
                  subset: int | None = None, download: bool = False, val_fraction: float = 0.1,
                  split_seed: int = 0, attribute: str = "Smiling", flowers_splits: str = "all") -> ImageSet:
@@ -230,6 +239,12 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def dataset_names() -> list[str]:
     return list(DATASETS)
+
+
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The loading options (attribute, flowers_splits) a dataset takes; an unknown name takes
+    them all, so that its own error is the one raised."""
+    return DATASETS[name].options if name in DATASETS else ("attribute", "flowers_splits")
 
 
 def default_image_size(name: str) -> int:

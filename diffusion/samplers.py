@@ -1,6 +1,6 @@
 """Samplers as pure functions over a denoiser `denoise(x, t) -> (x0_hat, eps_hat)` where t is
-an integer timestep tensor [B]. Each walks `steps` timesteps from T-1 to 0 and then one
-last step to clean data, so `steps` is the number of network evaluations."""
+an integer timestep tensor [B]. Each walks `steps` timesteps down from T-1 and then one last
+step to clean data, so `steps` is the number of network evaluations."""
 import math
 
 import torch

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from data import load_dataset, to_uint8
+from data import load_dataset, split_digest, to_uint8
 from config import write_json
 from errors import UserError
 from evaluation.metrics import extract_features, frechet_distance, kernel_inception_distance, per_class_accuracy
@@ -15,13 +15,39 @@ from training.checkpoint import check_compatible, load_checkpoint
 from training.run import device_name, git_commit
 
 
-def real_split(cfg, split, limit=None):
-    data = load_dataset(cfg.dataset, cfg.data_root, split, cfg.image_size, val_fraction=cfg.val_fraction,
+def _load(cfg, split):
+    return load_dataset(cfg.dataset, cfg.data_root, split, cfg.image_size, val_fraction=cfg.val_fraction,
                         attribute=cfg.attribute, flowers_splits=cfg.flowers_splits)
-    if limit is not None and len(data.images) > limit:  # a fixed, class-mixed subset
-        keep = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(0))[:limit]
-        return data.images[keep], data.labels[keep]
-    return data.images, data.labels
+
+
+def fixed_subset(n, limit):
+    """Indices of a fixed, class-mixed subset of at most `limit` of n items (held-out splits
+    may be sorted by class)."""
+    if limit is None or n <= limit:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit]
+
+
+def real_split(cfg, split, limit=None):
+    data = _load(cfg, split)
+    keep = fixed_subset(len(data.images), limit)
+    return data.images[keep], data.labels[keep]
+
+
+def check_classifier_data(state, cfg, path):
+    """The real-data classifier must know this run's classes and hold out exactly its held-out
+    images: one trained on another folder, or with another --val_fraction or --flowers_splits,
+    would score garbage or have trained on the images it is scored on."""
+    val = _load(cfg, "val")
+    fix = (f"train one for this data (`python main.py --train_classifier --dataset {cfg.dataset} ... "
+           f"--results_dir DIR`) and pass --classifier_path DIR/{os.path.basename(path)}")
+    if list(state["stage"]["class_names"]) != list(val.class_names):
+        raise UserError(f"the real-data classifier {path} knows the classes {', '.join(state['stage']['class_names'])}, "
+                        f"not this run's {', '.join(val.class_names)}: {fix}")
+    saved = state["stage"].get("heldout_digest")  # older classifiers have none
+    if saved is not None and saved != split_digest(val.images, val.labels):
+        raise UserError(f"the real-data classifier {path} held out other images than this run does (another data "
+                        f"folder, --val_fraction or --flowers_splits): {fix}")
 
 
 def load_real_classifier(cfg, device, path=None):
@@ -36,12 +62,13 @@ def load_real_classifier(cfg, device, path=None):
                         f"{' --data_root ' + cfg.data_root if cfg.data_root else ''}` or pass --classifier_path")
     state = load_checkpoint(found, "classifier checkpoint")
     check_compatible(state, cfg, "classifier", found)
+    check_classifier_data(state, cfg, found)
     from config import Config
     saved = Config.from_dict(state["config"])
     model = build_classifier(saved, len(state["stage"]["class_names"]))
     model.load_state_dict(state["stage"]["model"])
     model.to(device).eval()
-    model.checkpoint_path = found
+    model.checkpoint_path, model.heldout_digest = found, state["stage"].get("heldout_digest")
     return model
 
 
@@ -50,9 +77,12 @@ class OfflineMetrics:
 
     def __init__(self, classifier, cfg, device, num_classes):
         self.classifier, self.device, self.num_classes = classifier, device, num_classes
-        self.train_images, self.train_labels = real_split(cfg, "train", limit=10000)
+        # Near copies are looked for among all training images; FD and KID compare with a fixed
+        # subset of 10,000 of them, as they did when FD/KID figures were first recorded.
+        self.train_images, _ = real_split(cfg, "train")
+        self.all_train_feats = self.features(self.train_images)
+        self.train_feats = self.all_train_feats[fixed_subset(len(self.train_images), 10000)]
         self.val_images, self.val_labels = real_split(cfg, "val", limit=10000)
-        self.train_feats = self.features(self.train_images)
         self.val_feats = self.features(self.val_images)
         self.real_accuracy = self.accuracy(self.val_images, self.val_labels)
 
@@ -78,7 +108,7 @@ class OfflineMetrics:
                "classifier_kid": kid_mean, "classifier_kid_std": kid_std}
         if memorization:
             from evaluation.memorization import memorization_report
-            out["memorization"] = memorization_report(feats, self.val_feats, self.train_feats)
+            out["memorization"] = memorization_report(feats, self.val_feats, self.all_train_feats)
         return out
 
 
@@ -93,14 +123,15 @@ def inception_metrics(cfg, images_uint8, weights_path, device, cache_dir):
     features = lambda imgs: extract_features(inception, imgs, batch_size=100, device=device)  # noqa: E731
     # Everything that decides which images the training split holds: the split options too.
     key = (f"{cfg.dataset}-{os.path.abspath(cfg.data_root or 'default')}-{cfg.image_size}-train-"
-           f"{cfg.flowers_splits}-val{cfg.val_fraction}-inception2048")
+           f"{cfg.flowers_splits}-{cfg.attribute}-val{cfg.val_fraction}-inception2048-{inception.weights_digest}")
     mu, sigma, real_feats = reference_stats(key, cache_dir, lambda: features(real_split(cfg, "train")[0]))
     return fid_kid(real_feats, features(images_uint8), real_stats=(mu, sigma))
 
 
-def evaluate_run(pipe, run_dir, args, seed):
+def evaluate_run(pipe, run_dir, args, seed, out_dir=None):
     """generate.py --evaluate: sample N images (balanced over classes), compute every metric,
-    write eval.json and print a table."""
+    write eval.json (into out_dir, default the run's folder) and print a table."""
+    out_dir = out_dir or run_dir
     cfg, device = pipe.cfg, pipe.device
     n = args.num_samples or 2000
     if n < 2:
@@ -120,7 +151,7 @@ def evaluate_run(pipe, run_dir, args, seed):
               "sampling_seconds": sampling_seconds, "class_names": pipe.class_names}
     result.update(offline(images, labels))
     from evaluation.memorization import save_closest_pairs
-    save_closest_pairs(os.path.join(run_dir, "memorization_closest_pairs.png"), images, offline.train_images,
+    save_closest_pairs(os.path.join(out_dir, "memorization_closest_pairs.png"), images, offline.train_images,
                        result["memorization"])
     if args.no_fid:
         result["fid_note"] = "skipped (--no_fid)"
@@ -135,7 +166,7 @@ def evaluate_run(pipe, run_dir, args, seed):
         result["diffusion_classifier"] = diffusion_classifier_accuracy(pipe, offline.val_images,
                                                                        offline.val_labels, args.classify_images, seed)
     result["total_seconds"] = time.time() - start
-    path = os.path.join(run_dir, "eval.json")
+    path = os.path.join(out_dir, "eval.json")
     write_json(result, path)
     print_table(result)
     print(path)
@@ -144,7 +175,8 @@ def evaluate_run(pipe, run_dir, args, seed):
 
 def diffusion_classifier_accuracy(pipe, images, labels, limit, seed):
     from evaluation.diffusion_classifier import diffusion_classify
-    images, labels = images[:limit], labels[:limit]
+    keep = fixed_subset(len(images), limit)  # not the first `limit`: a held-out split may be sorted by class
+    images, labels = images[keep], labels[keep]
     start = time.time()
     x0 = pipe.to_model_space(images)
     preds = diffusion_classify(lambda x, t, y: pipe.eps_fn(x, t, y), x0, pipe.num_classes,
@@ -154,14 +186,14 @@ def diffusion_classifier_accuracy(pipe, images, labels, limit, seed):
             "seconds": time.time() - start}
 
 
-def classify_run(pipe, run_dir, args, seed):
+def classify_run(pipe, out_dir, args, seed):
     """generate.py --classify: classify held-out real images with the denoiser itself."""
     images, labels = real_split(pipe.cfg, "val")
     limit = args.num_samples or 200
     with torch.inference_mode():
         result = diffusion_classifier_accuracy(pipe, images, labels, limit, seed)
     result.update(class_names=pipe.class_names, checkpoint=pipe.checkpoint_path, device=device_name(pipe.device))
-    path = os.path.join(run_dir, "classify.json")
+    path = os.path.join(out_dir, "classify.json")
     write_json(result, path)
     print(f"diffusion classifier: accuracy {result['accuracy']:.4f} on {result['images']} held-out images "
           f"in {result['seconds']:.1f} s")

@@ -8,6 +8,7 @@ classifier-feature metrics still work.
 """
 
 import contextlib
+import hashlib
 import os
 import re
 import tempfile
@@ -89,6 +90,14 @@ class FIDInceptionFeatures(nn.Module):
         return self.net(unit_range)[0].flatten(1)
 
 
+def _weights_digest(state_dict: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:12]
+
+
 def load_fid_inception(weights_path: str | None, device, allow_random: bool = False) -> nn.Module:
     """The FID Inception feature network ([-1, 1] images -> [B, 2048]) in eval mode on `device`.
 
@@ -106,6 +115,7 @@ def load_fid_inception(weights_path: str | None, device, allow_random: bool = Fa
         model = FIDInceptionFeatures(state_dict)
     except RuntimeError as exc:  # load_state_dict key/shape mismatch
         raise UserError(f"the FID Inception weights given are not {FID_WEIGHTS_FILE}: {_first_line(exc)}") from exc
+    model.weights_digest = "random" if state_dict is None else _weights_digest(state_dict)  # keys the real statistics' cache
     return model.to(device)
 
 

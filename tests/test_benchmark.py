@@ -36,3 +36,16 @@ def test_benchmark_refuses_bad_flags(tmp_path):
     for (flag, _), result in zip(cases, results):
         assert_one_line_error(result, contains=flag)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_sampler_accuracy_writes_each_samplers_error(tmp_path):
+    out = tmp_path / "accuracy.json"
+    result = run_cli("bench/sampler_accuracy.py", "--schedules", "cosine", "--steps", "10,200", "--samples", "512",
+                     "--out", out)
+    assert result.returncode == 0, result.describe()
+    rows = json.loads(out.read_text())["results"]["cosine"]
+    assert set(rows) == {"10", "200"}
+    # more steps, closer to the exact answer; DPM-Solver++ closer than DDIM at equal steps
+    assert rows["200"]["dpmpp"]["rms_error"] < rows["10"]["dpmpp"]["rms_error"] < rows["10"]["ddim"]["rms_error"]
+    assert abs(rows["200"]["ddpm"]["std_ratio"] - 1) < 0.1
+    assert_one_line_error(run_cli("bench/sampler_accuracy.py", "--steps", "0"), contains="--steps")

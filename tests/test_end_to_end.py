@@ -106,12 +106,43 @@ def test_animation_is_a_gif_of_the_reverse_process(latent_run):
 @pytest.mark.parametrize("mode", ["latent_space", "samples_grid", "denoising_steps", "reconstructions",
                                   "loss_curves", "forward_process", "steps_comparison", "denoising_path"])
 def test_every_visualize_mode(latent_run, mode):
-    assert visualize.main(["--results_dir", latent_run, "--mode", mode, "--class_name", "dog", "--device", "cpu"]) == 0
+    one_class = ["--class_name", "dog"] if "class_name" in visualize.MODE_FLAGS[mode] else []
+    assert visualize.main(["--results_dir", latent_run, "--mode", mode, *one_class, "--device", "cpu"]) == 0
     expected = {"latent_space": "latent_space.png", "samples_grid": "samples_grid.png",
                 "denoising_steps": "denoising_steps_dog.png", "reconstructions": "reconstructions.png",
                 "loss_curves": "diffusion_loss.png", "forward_process": "forward_process.png",
                 "steps_comparison": "steps_comparison_dog.png", "denoising_path": "denoising_path_dog.png"}[mode]
     assert os.path.getsize(os.path.join(latent_run, expected)) > 1000
+
+
+def test_readme_commands_find_the_default_run_folder_and_a_lone_checkpoint_serves_every_mode(
+        latent_run, tmp_path, monkeypatch):
+    """`python generate.py --class_name dog` and `python visualize.py --mode ...` without
+    --results_dir use results/<dataset>_<model>, as README says; a final checkpoint copied alone
+    (its VAE inside) still draws the latent space and the reconstructions; --output_dir is where
+    an animation goes; --steps sets steps_comparison's step counts."""
+    import shutil
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("results")
+    os.symlink(latent_run, os.path.join("results", "cifar10_catdog_latent_unet"))
+    assert generate.main(["--class_name", "dog", "--num_samples", "2", "--steps", "2", "--device", "cpu"]) == 0
+    assert os.path.isfile(os.path.join(latent_run, "generated", "dog_grid.png"))
+    assert visualize.main(["--mode", "loss_curves"]) == 0
+    solo = tmp_path / "solo"
+    solo.mkdir()
+    shutil.copy(os.path.join(latent_run, "conditional_diffusion_final.pt"), solo / "model.pt")
+    for mode in ("latent_space", "reconstructions"):
+        assert visualize.main(["--model_path", str(solo / "model.pt"), "--mode", mode, "--device", "cpu"]) == 0
+        assert os.path.getsize(solo / f"{mode}.png") > 1000
+    assert generate.main(["--model_path", str(solo / "model.pt"), "--create_animation", "--class_name", "cat",
+                          "--output_dir", str(tmp_path / "anim"), "--steps", "3", "--device", "cpu"]) == 0
+    assert os.path.isfile(tmp_path / "anim" / "diffusion_animation_cat.gif")
+    import viz.figures
+    drawn = []
+    monkeypatch.setattr(viz.figures, "steps_comparison_figure", lambda *a, **k: drawn.append(k["step_counts"]))
+    assert visualize.main(["--model_path", str(solo / "model.pt"), "--mode", "steps_comparison", "--steps", "16",
+                           "--device", "cpu"]) == 0
+    assert drawn == [(2, 4, 8, 16)]
 
 
 def test_latent_transformer_trains_on_an_existing_vae(latent_run, cifar10_root, tmp_path):
@@ -180,6 +211,28 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifie
     assert 1 <= json.load(open(os.path.join(latent_run, "classify.json")))["images"] <= 4  # the fixture holds few
 
 
+def test_a_classifier_that_held_out_other_images_is_refused(latent_run, real_classifier):
+    """The real-data classifier must hold out exactly the run's held-out images: with another
+    --val_fraction half of them would be its training images, and its accuracy on them inflated."""
+    import dataclasses
+    from errors import UserError
+    from evaluation.evaluate import load_real_classifier
+    cfg = Config.from_dict(json.load(open(os.path.join(latent_run, "config.json"))))
+    assert load_real_classifier(cfg, torch.device("cpu"), real_classifier).heldout_digest
+    with pytest.raises(UserError, match="held out other images"):
+        load_real_classifier(dataclasses.replace(cfg, val_fraction=0.3), torch.device("cpu"), real_classifier)
+
+
+def test_fixed_subsets_mix_the_classes_of_a_sorted_split():
+    """The diffusion classifier's --classify_images and the 10,000-image caps take a fixed random
+    subset, not the first images, which a held-out folder lists class by class."""
+    from evaluation.evaluate import fixed_subset
+    labels = torch.arange(10).repeat_interleave(100)  # sorted by class
+    keep = fixed_subset(len(labels), 50)
+    assert len(set(labels[keep].tolist())) >= 8 and torch.equal(keep, fixed_subset(len(labels), 50))
+    assert torch.equal(fixed_subset(30, 50), torch.arange(30))
+
+
 def test_sampling_sweep_scores_every_setting_with_either_weights(latent_run, real_classifier, tmp_path, capsys):
     from bench import sampling_sweep
     from errors import run_main
@@ -241,7 +294,7 @@ def test_pixel_denoisers_on_all_ten_cifar_classes(model, cifar10_root, tmp_path)
                           "--num_samples", "2", "--steps", "4", "--guidance_scale", "3", "--output_dir", out,
                           "--device", "cpu"]) == 0
     assert len(os.listdir(os.path.join(out, "horse"))) == 2
-    for mode in ("forward_process", "denoising_steps"):
-        assert visualize.main(["--results_dir", run, "--mode", mode, "--class_name", "horse", "--steps", "4",
+    for mode, steps in (("forward_process", []), ("denoising_steps", ["--steps", "4"])):
+        assert visualize.main(["--results_dir", run, "--mode", mode, "--class_name", "horse", *steps,
                                "--device", "cpu"]) == 0
     assert os.path.isfile(os.path.join(run, "denoising_steps_horse.png"))

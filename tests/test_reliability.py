@@ -186,9 +186,33 @@ def test_sigint_mid_epoch_saves_and_resume_gives_same_losses(data, reference, tm
     saved = (run_dir / LAST).read_bytes()  # mid-epoch, another batch size would skip the wrong images
     assert train_in_process([*run_args(data, run_dir, 2, "--resume"), "--batch_size", "2"]) == 2
     assert "batches of 4" in capsys.readouterr().err and (run_dir / LAST).read_bytes() == saved
+    assert train_in_process([*run_args(data, run_dir, 2, "--resume"), "--seed", "4"]) == 2  # another order
+    assert "--seed 3" in capsys.readouterr().err and (run_dir / LAST).read_bytes() == saved
     assert train_in_process(run_args(data, run_dir, 2, "--resume")) == 0
     assert_same_losses(reference, run_dir, 2)
     assert_same_tensors(load(run_dir / FINAL)["stage"], load(reference / FINAL)["stage"], "stage")
+
+
+def test_continuing_into_a_new_folder_with_nothing_left_to_train_writes_its_files(data, reference, tmp_path):
+    """--checkpoint_path to a fresh --results_dir with --total_epochs already reached: no epoch
+    runs, and the new folder still gets the run's last and final checkpoints."""
+    new = tmp_path / "continued"
+    assert train_in_process([*run_args(data, new, 2), "--checkpoint_path", reference / LAST, "--total_epochs", "2"]) == 0
+    assert load(new / FINAL)["step"] == load(reference / LAST)["step"] == 2 * STEPS_PER_EPOCH
+    assert_same_tensors(load(new / LAST)["stage"], load(reference / LAST)["stage"], "stage")
+
+
+def test_resume_takes_each_stage_settings_from_its_own_checkpoint(data, tmp_path):
+    """Every stage rewrites config.json: after a separate --train_diffusion, --train_vae --resume
+    still continues with the VAE's own settings (here its KL weight and batch), not the denoiser's."""
+    vae = ["--dataset", "folder", "--preset", "tiny", "--image_size", "16", "--perceptual_weight", "0",
+           "--picture_every", "1000", "--data_root", data, "--results_dir", tmp_path]
+    assert train_in_process(["--train_vae", *vae, "--epochs", "1", "--batch_size", "4", "--kl_weight", "0.01"]) == 0
+    assert train_in_process(["--train_diffusion", *vae, "--epochs", "1", "--batch_size", "4"]) == 0
+    assert json.loads((tmp_path / "config.json").read_text())["kl_weight"] != 0.01
+    assert train_in_process(["--train_vae", *vae, "--resume", "--vae_epochs", "2"]) == 0
+    config = load(tmp_path / "vae_gan_last.pt")["config"]
+    assert (config["kl_weight"], config["vae_batch_size"]) == (0.01, 4) and load(tmp_path / "vae_gan_last.pt")["epoch"] == 2
 
 
 def test_vae_resume_at_epoch_boundary_gives_same_losses(data, tmp_path):
@@ -548,15 +572,12 @@ def test_checkpoint_of_another_model_or_dataset_is_refused_by_name(data, referen
     # Sample a folder-dataset run as CIFAR-10.
     refused(generate, ["--results_dir", reference, "--dataset", "cifar10", "--num_samples", "1"],
             "dataset", "folder", "cifar10")
-    # --resume where the run folder's config and its checkpoint disagree on the architecture.
+    # --resume continues with the settings inside the stage's checkpoint: a config.json edited
+    # since (or rewritten by another stage) does not change the architecture it trains.
     copy = tmp_path / "edited_copy"
     shutil.copytree(reference, copy)
     config = json.loads((copy / "config.json").read_text())
-    config["base_channels"] = 32
+    config["base_channels"], config["guidance_schedule"] = 32, "cosine"
     (copy / "config.json").write_text(json.dumps(config))
-    refused(main, ["--train_diffusion", "--resume", "--results_dir", copy, "--epochs", "3"], "base_channels", "16", "32")
-    # A run config edited by hand to a guidance schedule that does not exist.
-    config["base_channels"], config["guidance_schedule"] = 16, "cosine"
-    (copy / "config.json").write_text(json.dumps(config))
-    refused(main, ["--train_diffusion", "--resume", "--results_dir", copy, "--epochs", "3"],
-            "guidance_schedule", "cosine", "linear")
+    assert run_main(main.main, ["--train_diffusion", "--resume", "--results_dir", str(copy), "--epochs", "3"]) == 0
+    assert load(copy / LAST)["config"]["base_channels"] == 16 and load(copy / LAST)["epoch"] == 3

@@ -247,3 +247,21 @@ def test_fp16_trains_every_stage_with_loss_scaling(tmp_path, image_folder_root):
     classifier = load_checkpoint(str(tmp_path / "classifier_last.pt"))["stage"]
     for scaler in (vae["scaler_g"], vae["scaler_d"], denoiser["scaler"], classifier["scaler"]):
         assert scaler["scale"] > 0
+
+
+def test_fp16_overflow_is_the_scalers_to_handle_and_a_nan_loss_is_a_bad_step():
+    """An overflow of the scaled gradients (finite loss) halves GradScaler's scale and skips the
+    update without counting as a bad step; a non-finite loss always is one, scaler or not."""
+    from training.optim import grads_finite_step
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    huge = lambda: (p * 1e34).sum()  # noqa: E731  finite, but its gradient times 2^16 is inf in float32
+    assert grads_finite_step(huge(), [p], opt, 0, scaler) is True
+    assert scaler.get_scale() == 2.0 ** 15 and torch.equal(p.detach(), torch.ones(3))  # skipped, scale halved
+    assert grads_finite_step(p.sum() * float("nan"), [p], opt, 0, scaler) is False
+    assert grads_finite_step(p.sum(), [p], opt, 0, scaler) is True and p[0].item() < 1  # a normal step
+    assert grads_finite_step(p.sum() * float("inf"), [p], opt, 0, None) is False
+    low = torch.amp.GradScaler("cpu", init_scale=1.0)  # a scale already down to 1: overflows are bad steps now
+    q = torch.nn.Parameter(torch.ones(3))
+    assert grads_finite_step((q * 1e38).sum() * 10, [q], torch.optim.SGD([q], lr=0.1), 0, low) is False

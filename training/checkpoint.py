@@ -72,6 +72,7 @@ def load_checkpoint(path, what="checkpoint"):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first if len(first) <= 120 else first[:117] + "..."  # torch's long advice is not ours to give
         raise UserError(f"refusing to load {path}: it is not a plain-weights checkpoint "
                         f"(weights_only load failed: {first})") from None
     except Exception as e:  # noqa: BLE001 - torch.load of arbitrary bytes raises many types (IndexError, ...)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from config import write_json
-from data import to_float
+from data import split_digest, to_float
 from data.batcher import DeviceBatcher
 from evaluation.metrics import per_class_accuracy
 from models.classifier import ImageClassifier
@@ -49,6 +49,7 @@ class ClassifierStage:
         self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, cfg.classifier_lr, total_steps=max(steps_total, 1))
         self.scaler = make_scaler(device, cfg.amp)
         self.val_images, self.val_labels = val_set.images, val_set.labels
+        self.heldout_digest = split_digest(val_set.images, val_set.labels)
 
     def train_step(self, x, y, epoch):
         with autocast(self.device, self.cfg.amp):
@@ -72,7 +73,8 @@ class ClassifierStage:
 
     def state_dict(self):
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                 "class_names": self.class_names, "width": self.cfg.classifier_width}
+                 "class_names": self.class_names, "width": self.cfg.classifier_width,
+                 "heldout_digest": self.heldout_digest}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state

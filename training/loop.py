@@ -85,17 +85,24 @@ class _SignalCatcher:
 
 def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minutes=None):
     """Train `stage` until `total_epochs` epochs are done, or until the next epoch would overrun
-    `max_minutes` of training time (counted across resumes). `stage` provides kind, train_step,
+    `max_minutes` of training time (counted across resumes): the steps and the held-out
+    evaluation, not pictures or checkpoint writes, so --picture_every does not change what a
+    budget buys. `stage` provides kind, train_step,
     validate, pictures, state_dict/load_state_dict, best_metric ("name", "min"|"max")."""
     epoch, step, skip_batches, best, since_best, seconds = 0, 0, 0, None, 0, 0.0
     partial = ({}, 0)  # loss sums and count of the batches of a stopped epoch done before the stop
     batching = [getattr(batcher, "batch_size", None), dist.world_size()]
+    order = [cfg.seed, cfg.subset]  # with the batching, what fixes an epoch's permutation
+    if resume_state is not None and resume_state.get("batch_in_epoch", 0):
+        saved, saved_order = resume_state.get("batching", batching), resume_state.get("order", order)
+        inside = f"the run stopped inside epoch {resume_state['epoch'] + 1}"
+        if list(saved) != batching:
+            raise UserError(f"{inside} with batches of {saved[0]} on {saved[1]} process(es): resume it with "
+                            f"those (batch size and process count can change at an epoch boundary)")
+        if list(saved_order) != order:
+            raise UserError(f"{inside} with --seed {saved_order[0]} and --subset {saved_order[1]}, which fix that "
+                            f"epoch's order: resume it with those (they can change at an epoch boundary)")
     if resume_state is not None:
-        saved = resume_state.get("batching", batching)
-        if resume_state.get("batch_in_epoch", 0) and list(saved) != batching:
-            raise UserError(f"the run stopped inside epoch {resume_state['epoch'] + 1} with batches of {saved[0]} on "
-                            f"{saved[1]} process(es): resume it with those (batch size and process count can "
-                            f"change at an epoch boundary)")
         stage.load_state_dict(resume_state["stage"])
         epoch, step = resume_state["epoch"], resume_state["step"]
         skip_batches, best = resume_state.get("batch_in_epoch", 0), resume_state.get("best")
@@ -115,7 +122,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
         if not dist.is_main():
             return
         state = {"kind": stage.kind, "config": cfg.to_dict(), "epoch": epoch if done_epochs is None else done_epochs,
-                 "step": step, "batch_in_epoch": batch_in_epoch, "batching": batching, "best": best,
+                 "step": step, "batch_in_epoch": batch_in_epoch, "batching": batching, "order": order, "best": best,
                  "best_metric": metric_name, "epochs_since_best": since_best,
                  "train_seconds": seconds + time.time() - t0,
                  "rng": rng_state(), "stage": stage.state_dict()}
@@ -207,6 +214,8 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
                 stage.pictures(epoch)
             if stop_early:
                 break
-    if best is None and dist.is_main():  # no held-out metric: the last state is the best we know
-        checkpoint(stage.best_name)
+    if dist.is_main() and not os.path.isfile(run.path(stage.last_name)):
+        checkpoint(stage.last_name)  # continued into a new folder with nothing left to train
+    if best is None and dist.is_main() and not os.path.isfile(run.path(stage.best_name)):
+        checkpoint(stage.best_name)  # no held-out metric yet: the last state is the best we know
     return best

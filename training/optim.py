@@ -83,7 +83,9 @@ def make_scaler(device, amp):
 
 def grads_finite_step(loss, params, optimizer, grad_clip, scaler=None):
     """Backward, clip, and step only if the loss and gradient norm are finite (one host sync,
-    as GradScaler does). Returns False when the step was skipped."""
+    as GradScaler does). Returns False for a bad step: a non-finite loss or gradient. Under fp16
+    an overflow of the scaled gradients is GradScaler's business while its scale is above 1: it
+    skips the update and halves the scale, and the step counts as done, as in PyTorch's AMP recipe."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -91,11 +93,14 @@ def grads_finite_step(loss, params, optimizer, grad_clip, scaler=None):
     else:
         loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
-    if not bool(torch.isfinite(norm) & torch.isfinite(loss.detach())):
+    finite_loss = torch.isfinite(loss.detach())
+    if not bool(torch.isfinite(norm) & finite_loss):
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.update()
-        return False
+        if scaler is None:
+            return False
+        overflow = bool(finite_loss) and scaler.get_scale() > 1
+        scaler.update()
+        return overflow
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()

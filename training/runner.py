@@ -68,18 +68,25 @@ def config_for_resume(args, checkpoint_path, default_results_dir=None, with_kind
     return (cfg, state["kind"]) if with_kind else cfg
 
 
-def config_for_saved_run(args, stages):
-    """--resume: the run folder's own config, with only runtime fields changed by flags."""
+def config_for_saved_run(args, stages, stage=None):
+    """--resume: the run's own config, with only runtime fields changed by flags: that inside the
+    `stage` checkpoint (by default the first of `stages` there is) when there is one (each stage
+    rewrites config.json, so after a later stage it holds that stage's settings), else the
+    folder's config.json."""
     folder = args.results_dir or build_config(args).results_dir
     names = [os.path.join(folder, s) for s in stages]
     if not any(os.path.isfile(n) for n in names):
         raise UserError(f"--resume: nothing to resume in {folder} (no {' or '.join(stages)})")
     path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            saved = Config.from_dict(json.load(f))
-    except (OSError, ValueError) as e:
-        raise UserError(f"--resume: cannot read the run's config {path}: {e}") from None
+    own = next((n for n in ([os.path.join(folder, stage)] if stage else names) if os.path.isfile(n)), None)
+    if own is not None:
+        saved = Config.from_dict(load_checkpoint(own)["config"])
+    else:
+        try:
+            with open(path) as f:
+                saved = Config.from_dict(json.load(f))
+        except (OSError, ValueError) as e:
+            raise UserError(f"--resume: cannot read the run's config {path}: {e}") from None
     cfg = build_config(args, base=saved)
     cfg.results_dir = folder
     return cfg

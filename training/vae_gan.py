@@ -174,7 +174,10 @@ class VAEGANStage:
         recon = torch.cat([o[0] for o in outputs]).clamp(-1, 1)
         mean = torch.cat([o[1] for o in outputs])
         mse = ((recon - x) / 2).pow(2).flatten(1).mean(1)
-        accuracy = (self.vae.classify(mean).argmax(1).cpu() == self.val_labels).float().mean()
+        self.vae.eval()  # the latent classifier's dropout off, as for the reconstructions
+        with torch.no_grad():
+            accuracy = (self.vae.classify(mean).argmax(1).cpu() == self.val_labels).float().mean()
+        self.vae.train()
         return {"val_l1": float((recon - x).abs().mean()),
                 "val_psnr": float((-10 * torch.log10(mse.clamp_min(1e-10))).mean()),
                 "val_latent_accuracy": float(accuracy)}

@@ -188,7 +188,7 @@ def latent_space_figure(latents, labels, class_names, centers, path, seed=0):
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     pca = PCA(n_components=2, random_state=seed).fit(feats)
     both = np.concatenate([feats, centers]) if centers is not None else feats
-    perplexity = max(2.0, min(30.0, (len(both) - 1) / 3))
+    perplexity = max(1.0, min(30.0, (len(both) - 1) / 3))  # below the point count, as t-SNE needs
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(both)
     for ax, xy, title in ((axes[0], tsne, "t-SNE"), (axes[1], pca.transform(both), "PCA")):
         points = xy[:len(feats)]
