@@ -40,11 +40,11 @@ def parse_args(argv=None):
         raise UserError(f"--classify_images must not be negative, got {args.classify_images}")
     action = ("--evaluate" if args.evaluate else "--classify" if args.classify
               else "--create_animation" if args.create_animation else "sampling")
-    policed = {"class_name", "num_samples", "batch_size", "seed", "output_dir", "subset", "download",
+    policed = {"class_name", "num_samples", "batch_size", "seed", "output_dir", "data_root", "subset", "download",
                "inception_weights", "no_fid", "classifier_path", "classify_images"} | SAMPLING_FLAGS
-    used = {"--evaluate": {"num_samples", "batch_size", "seed", "output_dir", "inception_weights", "no_fid",
-                           "classifier_path", "classify_images"} | SAMPLING_FLAGS,
-            "--classify": {"num_samples", "seed", "output_dir", "amp"},
+    used = {"--evaluate": {"num_samples", "batch_size", "seed", "output_dir", "data_root", "inception_weights",
+                           "no_fid", "classifier_path", "classify_images"} | SAMPLING_FLAGS,
+            "--classify": {"num_samples", "seed", "output_dir", "data_root", "amp"},
             "--create_animation": {"class_name", "seed", "output_dir"} | SAMPLING_FLAGS,
             "sampling": {"class_name", "num_samples", "batch_size", "seed", "output_dir"} | SAMPLING_FLAGS}[action]
     refuse_unused_flags(args, used, policed, action)

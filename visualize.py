@@ -9,14 +9,14 @@ from errors import UserError, run_main
 
 # What each mode reads beyond the run, its data and the device: any other flag is refused.
 MODE_FLAGS = {
-    "latent_space": {"classes", "seed"},
+    "latent_space": {"classes", "seed", "data_root"},
     "samples_grid": {"classes", "num_samples", "seed"} | SAMPLING_FLAGS,
     "denoising_steps": {"class_name", "seed"} | SAMPLING_FLAGS,
-    "reconstructions": set(),
+    "reconstructions": {"data_root"},
     "loss_curves": set(),
-    "forward_process": {"class_name", "seed"},
+    "forward_process": {"class_name", "seed", "data_root"},
     "steps_comparison": {"class_name", "seed"} | SAMPLING_FLAGS,
-    "denoising_path": {"class_name", "classes", "num_samples", "seed"} | SAMPLING_FLAGS,
+    "denoising_path": {"class_name", "classes", "num_samples", "seed", "data_root"} | SAMPLING_FLAGS,
 }
 MODES = tuple(MODE_FLAGS)
 
