@@ -128,10 +128,8 @@ def test_sampling_timesteps_are_distinct_and_span_the_schedule(kind, spacing):
     for steps in (1, 5, 20, 999):
         ts = sampling_timesteps(sched, steps, spacing).tolist()
         assert len(ts) == steps and ts[0] == 999 and ts == sorted(set(ts), reverse=True) and min(ts) >= 0
-        if spacing == "time" and steps > 1:
+        if steps > 1:
             assert ts[-1] == 0
-        if spacing == "logsnr" and steps <= 5:  # no call wasted at t = 0, where x_t is already the data
-            assert ts[-1] > 0
     with pytest.raises(ValueError):
         sampling_timesteps(NoiseSchedule(kind, 100), 101, spacing)
 
@@ -172,8 +170,7 @@ def test_dpmpp_20_steps_matches_ddim_1000_and_the_exact_answer(kind):
     assert (fast - exact).abs().max().item() < 0.1 * S
     assert rms(fast, slow) < 0.02 * S
     assert err_fast < err_ddim20  # second order beats first order at the same step count
-    # 10 steps: within 2.5% too, as the grid spends no call at t = 0 (ending there: 3%)
-    assert rms(dpmpp_2m(gaussian_denoiser(sched), x_T, sched, 10), exact) < 0.025 * S
+    assert rms(dpmpp_2m(gaussian_denoiser(sched), x_T, sched, 10), exact) < 0.04 * S  # 10 steps: within 4%
 
 
 def test_ddim_eta1_is_the_ddpm_posterior_step():
