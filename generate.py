@@ -9,6 +9,15 @@ from config import SAMPLING_FLAGS, ArgumentParser, add_common_args, add_sampling
 from data import safe_name
 from errors import UserError, run_main
 
+# What each action reads beyond the run and the device: any other flag is refused.
+ACTION_FLAGS = {
+    "sampling": {"class_name", "num_samples", "batch_size", "seed", "output_dir"} | SAMPLING_FLAGS,
+    "--create_animation": {"class_name", "seed", "output_dir"} | SAMPLING_FLAGS,
+    "--evaluate": {"num_samples", "batch_size", "seed", "output_dir", "data_root", "inception_weights", "no_fid",
+                   "classifier_path", "classify_images"} | SAMPLING_FLAGS,
+    "--classify": {"num_samples", "seed", "output_dir", "data_root", "amp"},
+}
+
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="generate.py", description=__doc__)
@@ -40,14 +49,8 @@ def parse_args(argv=None):
         raise UserError(f"--classify_images must not be negative, got {args.classify_images}")
     action = ("--evaluate" if args.evaluate else "--classify" if args.classify
               else "--create_animation" if args.create_animation else "sampling")
-    policed = {"class_name", "num_samples", "batch_size", "seed", "output_dir", "data_root", "subset", "download",
-               "inception_weights", "no_fid", "classifier_path", "classify_images"} | SAMPLING_FLAGS
-    used = {"--evaluate": {"num_samples", "batch_size", "seed", "output_dir", "data_root", "inception_weights",
-                           "no_fid", "classifier_path", "classify_images"} | SAMPLING_FLAGS,
-            "--classify": {"num_samples", "seed", "output_dir", "data_root", "amp"},
-            "--create_animation": {"class_name", "seed", "output_dir"} | SAMPLING_FLAGS,
-            "sampling": {"class_name", "num_samples", "batch_size", "seed", "output_dir"} | SAMPLING_FLAGS}[action]
-    refuse_unused_flags(args, used, policed, action)
+    policed = set().union(*ACTION_FLAGS.values()) | {"subset", "download"}
+    refuse_unused_flags(args, ACTION_FLAGS[action], policed, action)
     if args.results_dir is None and args.model_path is None:  # README's default run folder
         args.results_dir = build_config(args).results_dir
     return args
