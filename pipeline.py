@@ -127,6 +127,11 @@ class Pipeline:
         return torch.cat(out)
 
 
+def first_file(folder, names):
+    """The first of `names` that exists in `folder`, or None."""
+    return next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), None)
+
+
 def resolve_denoiser_path(results_dir=None, model_path=None):
     if model_path:
         if os.path.isdir(model_path):
@@ -138,22 +143,20 @@ def resolve_denoiser_path(results_dir=None, model_path=None):
     if not results_dir or not os.path.isdir(results_dir):
         raise UserError(f"results folder {results_dir} does not exist; train a model first with "
                         f"`python main.py --train_all --results_dir {results_dir}`")
-    for name in DENOISER_FILES:
-        path = os.path.join(results_dir, name)
-        if os.path.isfile(path):
-            return path
+    path = first_file(results_dir, DENOISER_FILES)
+    if path is not None:
+        return path
     raise UserError(f"no trained denoiser in {results_dir} (looked for {' or '.join(DENOISER_FILES)}); "
                     f"train one with `python main.py --train_diffusion --results_dir {results_dir}`")
 
 
 def load_vae_state(results_dir, cfg=None):
-    for name in VAE_FILES:
-        path = os.path.join(results_dir, name)
-        if os.path.isfile(path):
-            state = load_checkpoint(path, "VAE checkpoint")
-            if cfg is not None:
-                check_compatible(state, cfg, "vae_gan", path)
-            return state, path
+    path = first_file(results_dir, VAE_FILES)
+    if path is not None:
+        state = load_checkpoint(path, "VAE checkpoint")
+        if cfg is not None:
+            check_compatible(state, cfg, "vae_gan", path)
+        return state, path
     raise UserError(f"no trained VAE in {results_dir} (looked for {' or '.join(VAE_FILES)}); "
                     f"train one with `python main.py --train_vae --results_dir {results_dir}`")
 

@@ -124,9 +124,9 @@ def _held_out(cfg, limit=None):
 def _centers(pipe):
     """The VAE's learned class centers, in the denoiser's standardized latent space; None (the
     figure goes without) for a checkpoint with no VAE stage beside it."""
-    from pipeline import VAE_FILES, load_vae_state
+    from pipeline import VAE_FILES, first_file, load_vae_state
     folder = os.path.dirname(pipe.checkpoint_path)
-    if not any(os.path.isfile(os.path.join(folder, name)) for name in VAE_FILES):
+    if first_file(folder, VAE_FILES) is None:
         print(f"note: no VAE checkpoint beside {pipe.checkpoint_path}: the figure has no class centers",
               file=sys.stderr)
         return None
@@ -141,12 +141,11 @@ def _reconstructions(args, run_dir, out):
     the VAE inside the denoiser checkpoint."""
     from config import Config
     from models import build_vae
-    from pipeline import DENOISER_FILES, VAE_FILES, load_pipeline, load_vae_state
+    from pipeline import DENOISER_FILES, VAE_FILES, first_file, load_pipeline, load_vae_state
     from training.loop import select_device
     from viz import figures
     device = select_device(args.device)
-    in_folder = lambda names: any(os.path.isfile(os.path.join(run_dir, n)) for n in names)  # noqa: E731
-    if args.model_path or (not in_folder(VAE_FILES) and in_folder(DENOISER_FILES)):
+    if args.model_path or (first_file(run_dir, VAE_FILES) is None and first_file(run_dir, DENOISER_FILES)):
         pipe = load_pipeline(args.results_dir, args.model_path, device, overrides=args)
         if pipe.vae is None:
             raise UserError(f"--mode reconstructions needs a latent model; {pipe.checkpoint_path} is a "

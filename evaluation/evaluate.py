@@ -77,14 +77,23 @@ class OfflineMetrics:
 
     def __init__(self, classifier, cfg, device, num_classes):
         self.classifier, self.device, self.num_classes = classifier, device, num_classes
-        # Near copies are looked for among all training images; FD and KID compare with a fixed
-        # subset of 10,000 of them, as they did when FD/KID figures were first recorded.
+        # FD and KID compare with a fixed subset of 10,000 training images, as they did when FD/KID
+        # figures were first recorded; near copies are looked for among all of them (computed on
+        # first use: the sampling sweep never asks).
         self.train_images, _ = real_split(cfg, "train")
-        self.all_train_feats = self.features(self.train_images)
-        self.train_feats = self.all_train_feats[fixed_subset(len(self.train_images), 10000)]
+        self.train_subset = fixed_subset(len(self.train_images), 10000)
+        self.train_feats = self.features(self.train_images[self.train_subset])
+        self._all_train_feats = None
         self.val_images, self.val_labels = real_split(cfg, "val", limit=10000)
         self.val_feats = self.features(self.val_images)
         self.real_accuracy = self.accuracy(self.val_images, self.val_labels)
+
+    @property
+    def all_train_feats(self):
+        if self._all_train_feats is None:
+            whole = len(self.train_subset) == len(self.train_images)  # the subset is then all of them, in order
+            self._all_train_feats = self.train_feats if whole else self.features(self.train_images)
+        return self._all_train_feats
 
     def features(self, images_uint8):
         return extract_features(self.classifier.features, images_uint8, device=self.device)

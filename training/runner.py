@@ -73,12 +73,12 @@ def config_for_saved_run(args, stages, stage=None):
     `stage` checkpoint (by default the first of `stages` there is) when there is one (each stage
     rewrites config.json, so after a later stage it holds that stage's settings), else the
     folder's config.json."""
+    from pipeline import first_file
     folder = args.results_dir or build_config(args).results_dir
-    names = [os.path.join(folder, s) for s in stages]
-    if not any(os.path.isfile(n) for n in names):
+    if first_file(folder, stages) is None:
         raise UserError(f"--resume: nothing to resume in {folder} (no {' or '.join(stages)})")
     path = os.path.join(folder, "config.json")
-    own = next((n for n in ([os.path.join(folder, stage)] if stage else names) if os.path.isfile(n)), None)
+    own = first_file(folder, [stage] if stage else stages)
     if own is not None:
         saved = Config.from_dict(load_checkpoint(own)["config"])
     else:
