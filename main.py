@@ -23,7 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--diffusion_epochs", type=int, help="denoiser epochs (with --train_all)")
     p.add_argument("--minutes", type=float, help="wall-clock budget of the stage being trained: it stops at the "
                                                  "last epoch boundary that fits (--epochs stays the cap; default "
-                                                 "4 for the VAE, 16 for the denoiser; 0: no budget)")
+                                                 "4 for the VAE, 16 for the denoiser, 9 and 11 at 64x64; 0: no budget)")
     p.add_argument("--vae_minutes", type=float, help="VAE-GAN budget in minutes (with --train_all; 0: none)")
     p.add_argument("--diffusion_minutes", type=float, help="denoiser budget in minutes (with --train_all; 0: none)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction,
@@ -42,12 +42,12 @@ def parse_args(argv=None):
                         "bottleneck self-attention, faster)")
     g.add_argument("--perceptual_weight", type=float, help="VGG16 perceptual loss weight (0: no VGG needed)")
     g.add_argument("--vgg_weights", help="path to torchvision's vgg16-397923af.pth")
-    g.add_argument("--vae_grad_clip", type=float, help="VAE gradient-norm clip (0: off; default 1)")
+    g.add_argument("--vae_grad_clip", type=float, help="VAE gradient-norm clip (0: off, the default)")
     g.add_argument("--vae_lr_schedule", choices=LR_SCHEDULES,
-                   help="VAE learning rate: constant (default) or cosine, down to 0 over --vae_epochs (with "
-                        "--train_vae, --epochs)")
+                   help="VAE learning rate: cosine (default), down to 0 over --vae_epochs (with --train_vae, "
+                        "--epochs), or constant")
     g.add_argument("--vae_res_blocks", type=int, help="residual blocks per VAE encoder level (the decoder has one "
-                                                      "more; default 1)")
+                                                      "more; default 0)")
     g.add_argument("--kl_weight", type=float)
     g.add_argument("--kl_start_epoch", type=int, help="stage schedule: each loss weight ramps linearly from 0 "
                                                       "at its start epoch to full over its ramp epochs")
@@ -62,7 +62,7 @@ def parse_args(argv=None):
     g.add_argument("--adv_ramp_epochs", type=int)
     g = p.add_argument_group("denoiser")
     g.add_argument("--base_channels", type=int, help="UNet width")
-    g.add_argument("--attention", choices=ATTENTION_KINDS, help="transformer attention (default linear)")
+    g.add_argument("--attention", choices=ATTENTION_KINDS, help="transformer attention (default softmax for latent_transformer, linear for transformer)")
     g.add_argument("--transformer_width", type=int)
     g.add_argument("--transformer_depth", type=int)
     g.add_argument("--patch_size", type=int)

@@ -129,10 +129,12 @@ def peak_flops(device, dtype):
 
 def training_flops_per_image(model, shape, device):
     """Forward FLOPs of one image (FlopCounterMode counts matmuls, convolutions and attention),
-    times 3 for forward plus backward."""
+    times 3 for forward plus backward. Attention is counted through its math kernel: the counter
+    knows the GPU's fused kernels but counts the CPU's fused one as 0."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     x = torch.randn((2,) + tuple(shape), device=device)
-    t, y = torch.randint(0, 1000, (2,), device=device), torch.randint(0, NUM_CLASSES, (2,), device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    t, y = torch.randint(0, 100, (2,), device=device), torch.randint(0, NUM_CLASSES, (2,), device=device)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, t, y)
     return 3 * counter.get_total_flops() / 2
 
@@ -255,6 +257,9 @@ def parameter_count(model):
 def benchmark_model(name, cfg, device, s, network=None):
     print(f"{name} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
+    # Each model compiled afresh, as a training run compiles its one model: compile's caches are
+    # per code object, so a second UNet size would otherwise get a dynamic-shape graph.
+    torch._dynamo.reset()
     seed_everything(0)
     peak, _ = peak_flops(device, compute_dtype(device, cfg.amp))
     memory = PeakMemory(device)
@@ -293,7 +298,8 @@ def measure_sampling(stage, cfg, device, s):
     pipe.sample(labels, sampler="ddim", steps=2)  # one-time costs (allocations, kernel choice)
     rows = []
     for sampler, steps in SAMPLERS:
-        run_steps = s.ddpm_steps if sampler == "ddpm" else steps
+        steps = min(steps, cfg.timesteps)  # the tiny preset's schedule has 100 steps, not 1000
+        run_steps = min(s.ddpm_steps, steps) if sampler == "ddpm" else steps
         seconds, _ = time_per_call(lambda: pipe.sample(labels, sampler=sampler, steps=run_steps), device,
                                    warmup=0, repeats=s.sample_repeats)
         row = {"sampler": sampler, "steps": steps, "measured_steps": run_steps, "batch": s.sample_batch,
@@ -313,6 +319,8 @@ def print_table(report):
     rows = report["models"]
     if not rows:
         print("no model was benchmarked")
+        for note in report["notes"]:
+            print(f"note: {note}")
         return
     print(f"\n{report['device']}, torch {report['torch']}, commit {report['git_commit']}"
           f"{' (dirty)' if report['git_dirty'] else ''}, {report['compute_dtype']}; peak: {report['peak_source']}")
@@ -327,7 +335,7 @@ def print_table(report):
     first = next(iter(rows.values()))["sampling"]
     print(f"\nsampling images/s (ms per step), batch {first['runs'][0]['batch']}, guidance "
           f"{first['guidance_scale']} (network batch {first['network_batch_per_step']}); * = extrapolated")
-    print(f"{'model':<20}" + "".join(f"{f'{s}{n}':>16}" for s, n in SAMPLERS))
+    print(f"{'model':<20}" + "".join(f"{run['sampler'] + str(run['steps']):>16}" for run in first["runs"]))
     for name, r in rows.items():
         cells = []
         for run in r["sampling"]["runs"]:
@@ -385,8 +393,15 @@ def main():
               "compute_dtype": str(dtype), "peak_source": peak_source,
               "load_average_start": os.getloadavg()[0], "models": {}, "notes": notes}
 
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / (
+        f"{device.type}-{datetime.date.today().isoformat()}{'' if args.preset == 'default' else '-' + args.preset}"
+        f"{'-quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save = lambda: out.write_text(json.dumps(report, indent=2) + "\n")  # noqa: E731
+
     for name in names:
         report["models"][name] = benchmark_model(name, config_for(name), device, s)
+        save()  # after each model: a run stopped by a time limit keeps what it measured
     if with_reference:
         try:
             import diffusers
@@ -415,11 +430,7 @@ def main():
     if args.quick and s.ddpm_steps != 1000:
         notes.append(f"ddpm1000 is extrapolated from {s.ddpm_steps} measured steps (ms per step is measured)")
 
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / (
-        f"{device.type}-{datetime.date.today().isoformat()}{'' if args.preset == 'default' else '-' + args.preset}"
-        f"{'-quick' if args.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    save()
     print_table(report)
     print(f"\nwrote {out}")
 

@@ -6,7 +6,7 @@ epsilon prediction, plain MSE), AdamW (lr 1e-4, betas 0.95/0.999, weight decay 1
 warm-up steps then cosine decay, diffusers' `EMAModel` with warm-up (inv_gamma 1, power 3/4, max decay
 0.9999), random horizontal flips, batch 64 (its train.sh), fp32. What changes: the class label goes in
 through `num_class_embeds` (the example is unconditional); the cosine decay ends where the budget ends
-(its length is estimated from the speed of the first steps); images come from the suite's data path;
+(its length is fitted, when the warm-up ends, to the pace since step 20); images come from the suite's data path;
 and sampling uses diffusers' `DDIMScheduler` at `--sample_steps` unless `--scheduler ddpm` (the example
 samples 1000 DDPM steps, which 2000 images cannot afford on a CPU).
 
@@ -27,17 +27,19 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import Config, validate  # noqa: E402
+from config import ArgumentParser, Config, validate  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import load_dataset, to_uint8  # noqa: E402
 from data.batcher import DeviceBatcher  # noqa: E402
 from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier  # noqa: E402
+from training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from training.loop import rng_state, select_device, set_rng_state  # noqa: E402
 from training.run import device_name, git_commit  # noqa: E402
 from viz.figures import save_grid  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="folder")
     p.add_argument("--data_root", required=True)
     p.add_argument("--out", required=True, help="folder for eval.json and the sample grid")
@@ -53,7 +55,13 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=2000)
     p.add_argument("--classifier_path", help="real-data classifier (default: the suite's usual place)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    p.add_argument("--segment_minutes", type=float,
+                   help="stop training after this many minutes of this command, saving its state for --resume")
+    p.add_argument("--resume", action="store_true", help="go on training from <out>/train_state.pt")
+    p.add_argument("--stage", choices=("all", "train", "score"), default="all",
+                   help="train writes <out>/model.pt (the EMA weights and the training log), score reads it: "
+                        "a budget and its scoring can run as two commands")
     return p.parse_args(argv)
 
 
@@ -76,20 +84,49 @@ def cosine_with_warmup(step, warmup, total):
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def train(args, model, batcher, scheduler, device):
+def train(args, model, batcher, scheduler, device, state_path):
+    """The example's loop for `--minutes` of training, counted across segments: with `--segment_minutes`
+    it stops after that long, saves its whole state to `state_path` and returns None, and `--resume`
+    goes on from there (a device that limits each command's time can then give it the full budget)."""
     from diffusers.training_utils import EMAModel
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
     ema = EMAModel(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
-    budget, start, step, total_steps, losses = 60 * args.minutes, time.time(), 0, None, []
-    bar = tqdm(desc="diffusers recipe", unit="step")
-    epoch = 0
+    progress = dict(step=0, epoch=0, batch_in_epoch=0, elapsed=0.0, total_steps=None, losses=[])
+    if args.resume:
+        saved = load_checkpoint(state_path, "the contender's training state (nothing to --resume)")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        ema.load_state_dict(saved["ema"])
+        progress.update(saved["progress"])
+        set_rng_state(saved["rng"])
+    budget, start = 60 * args.minutes, time.time() - progress["elapsed"]
+    segment_end = time.time() + 60 * args.segment_minutes if args.segment_minutes else math.inf
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    step, epoch, losses, paced_from = progress["step"], progress["epoch"], progress["losses"], None
+    bar = tqdm(desc="diffusers recipe", unit="step", initial=step)
     while time.time() - start < budget:
-        for x, y in batcher.epoch(epoch):
+        for i, (x, y) in enumerate(batcher.epoch(epoch)):
+            if i < progress["batch_in_epoch"]:  # resumed inside this epoch: its order is the same
+                continue
             if time.time() - start >= budget:
                 break
-            if step == 50:  # the cosine decay should end with the budget: estimate the steps it holds
-                total_steps = int(budget / ((time.time() - start) / 50))
-            lr_scale = cosine_with_warmup(step, args.warmup_steps, total_steps or 10 ** 9)
+            if time.time() >= segment_end:
+                progress.update(step=step, epoch=epoch, batch_in_epoch=i, elapsed=time.time() - start, losses=losses)
+                save_checkpoint({"kind": "diffusers_contender_state", "config": vars(args), "model": model.state_dict(),
+                                 "opt": opt.state_dict(), "ema": ema.state_dict(), "progress": progress,
+                                 "rng": rng_state()}, state_path)
+                bar.close()
+                return None
+            if step == progress["step"] + 20:  # the pace is timed from here, past one-off start-up costs
+                synchronize()
+                paced_from = (step, time.time())
+            if (progress["total_steps"] is None and step >= max(args.warmup_steps, 50) and paced_from
+                    and step >= paced_from[0] + 20):
+                synchronize()  # the cosine decay starts: make it end with the budget, at the pace so far
+                now = time.time()
+                progress["total_steps"] = step + int((budget - (now - start)) * (step - paced_from[0])
+                                                     / (now - paced_from[1]))
+            lr_scale = cosine_with_warmup(step, args.warmup_steps, progress["total_steps"] or 10 ** 9)
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_scale
             noise = torch.randn_like(x)
@@ -106,11 +143,12 @@ def train(args, model, batcher, scheduler, device):
             if step % 50 == 0:
                 losses.append((step, float(loss)))
                 bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+        progress["batch_in_epoch"] = 0
         epoch += 1
     bar.close()
     ema.copy_to(model.parameters())
     return {"steps": step, "epochs_started": epoch, "train_seconds": time.time() - start,
-            "planned_steps": total_steps, "loss_every_50_steps": losses}
+            "planned_steps": progress["total_steps"], "loss_every_50_steps": losses}
 
 
 @torch.inference_mode()
@@ -139,26 +177,51 @@ def main(argv=None):
     except ImportError:
         raise UserError("diffusers is not installed: `pip install diffusers` (only this contender needs it)") from None
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = select_device(args.device)
     cfg = validate(Config(dataset=args.dataset, data_root=args.data_root, results_dir=args.out, seed=args.seed))
     train_set = load_dataset(cfg.dataset, cfg.data_root, "train", cfg.image_size, val_fraction=cfg.val_fraction)
     num_classes = len(train_set.class_names)
-    model = build_unet(args, cfg.image_size, num_classes).to(device)
+    model_path = os.path.join(args.out, "model.pt")
+    if args.stage == "score":
+        saved = load_checkpoint(model_path, "the contender's trained model (run --stage train first)")
+        if saved["kind"] != "diffusers_contender":
+            raise UserError(f"{model_path} is a {saved['kind']} checkpoint, not this contender's")
+        trained_args = argparse.Namespace(**saved["config"])
+        model = build_unet(trained_args, cfg.image_size, num_classes).to(device)
+        model.load_state_dict(saved["model"])
+        log = saved["log"]
+    else:
+        model = build_unet(args, cfg.image_size, num_classes).to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-    batcher = DeviceBatcher(train_set.images, train_set.labels, args.batch_size, device, flip=True, seed=args.seed)
-    log = train(args, model, batcher, scheduler, device)
+    # The scorer first: a missing classifier should fail now, not after the whole budget.
+    metrics = None if args.stage == "train" else OfflineMetrics(
+        load_real_classifier(cfg, device, args.classifier_path), cfg, device, num_classes)
+    if args.stage != "score":
+        batcher = DeviceBatcher(train_set.images, train_set.labels, args.batch_size, device, flip=True, seed=args.seed)
+        os.makedirs(args.out, exist_ok=True)
+        state_path = os.path.join(args.out, "train_state.pt")
+        log = train(args, model, batcher, scheduler, device, state_path)
+        if log is None:
+            print(f"saved {state_path} after this segment; go on with the same command plus --resume")
+            return 0
+        save_checkpoint({"kind": "diffusers_contender", "config": vars(args), "model": model.state_dict(),
+                         "log": log}, model_path)
+        if args.stage == "train":
+            print(f"wrote {model_path}; score it with --stage score")
+            return 0
     model.eval()
     labels = balanced_labels(args.num_samples, num_classes)
     t0 = time.time()
     images = sample(args, model, scheduler, labels, cfg.image_size, device)
     sampling_seconds = time.time() - t0
-    classifier = load_real_classifier(cfg, device, args.classifier_path)
     result = {"recipe": "diffusers train_unconditional example, class-conditional",
               "diffusers_version": diffusers.__version__, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
               "args": vars(args), "device": device_name(device), "commit": git_commit()[0],
               "num_samples": args.num_samples, "sampling_seconds": sampling_seconds, "class_names": train_set.class_names,
               **log}
-    result.update(OfflineMetrics(classifier, cfg, device, num_classes)(images, labels))
+    if args.stage == "score":
+        result["training_args"] = saved["config"]  # the budget, widths and seed it was trained with
+    result.update(metrics(images, labels))
     os.makedirs(args.out, exist_ok=True)
     per_class = torch.stack([images[labels == c][:8] for c in range(num_classes)]).flatten(0, 1)
     save_grid(per_class, os.path.join(args.out, "samples_grid.png"), nrow=8)

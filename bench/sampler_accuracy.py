@@ -7,7 +7,6 @@ deviation. A figure of the sampler and its timestep grid alone: the network is t
     python bench/sampler_accuracy.py [--schedules linear,cosine,edm] [--steps 5,10,20,50,200] \
         [--out bench/results/NAME.json]
 """
-import argparse
 import datetime
 import json
 import os
@@ -17,6 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from config import ArgumentParser  # noqa: E402
 from diffusion.gaussian import exact_ode_endpoint, gaussian_denoiser  # noqa: E402
 from diffusion.samplers import sample  # noqa: E402
 from diffusion.schedule import SCHEDULES, NoiseSchedule  # noqa: E402
@@ -27,7 +27,7 @@ MU, STD = 0.5, 0.4  # the data: N(MU, STD^2), one value per sample
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--schedules", default="linear,cosine,edm")
     p.add_argument("--steps", default="5,10,20,50,200", help="comma-separated step counts")
     p.add_argument("--timesteps", type=int, default=1000)

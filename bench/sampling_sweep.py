@@ -17,18 +17,20 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import AMP_MODES  # noqa: E402
+from config import AMP_MODES, ArgumentParser  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
 from diffusion.guidance import GUIDANCE_SCHEDULES  # noqa: E402
 from diffusion.samplers import SAMPLERS  # noqa: E402
 from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier  # noqa: E402
 from pipeline import load_pipeline  # noqa: E402
+from training.loop import select_device  # noqa: E402
+from training.optim import amp_dtype  # noqa: E402
 from training.run import device_name, git_commit  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results_dir", required=True)
     p.add_argument("--samplers", default="dpmpp:20", help="comma-separated sampler:steps")
     p.add_argument("--guidance", default="2", help="comma-separated guidance scales")
@@ -40,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier_path")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
     p.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
     p.add_argument("--amp", choices=AMP_MODES, help="sampling precision (default: the run's)")
     p.add_argument("--out", help="JSON file (default <results_dir>/sampling_sweep.json)")
@@ -94,7 +96,9 @@ def main(argv=None):
     scales = guidance_scales(args.guidance)
     asked_schedules = guidance_schedules(args.guidance_schedules) if args.guidance_schedules else None
     asked_intervals = guidance_intervals(args.guidance_intervals) if args.guidance_intervals else None
-    device = torch.device(args.device)
+    if args.num_samples < 2 or args.batch_size < 1:
+        raise UserError("--num_samples must be at least 2 (a Frechet distance needs two) and --batch_size at least 1")
+    device = select_device(args.device)
     pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema,
                          overrides=argparse.Namespace(amp=args.amp))
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
@@ -123,6 +127,7 @@ def main(argv=None):
               f"FD {metrics['classifier_fd']:.3f}  KID {metrics['classifier_kid']:.4f}  {seconds:.0f} s", flush=True)
     report = {"run": os.path.basename(os.path.normpath(args.results_dir)), "num_samples": args.num_samples,
               "seed": args.seed, "weights": "raw" if args.no_ema else "ema", "amp": pipe.cfg.amp,
+              "compute_dtype": str(amp_dtype(device, pipe.cfg.amp) or torch.float32),
               "device": device_name(device), "commit": git_commit()[0],
               "class_names": pipe.class_names, "rows": rows}
     out = args.out or os.path.join(args.results_dir, "sampling_sweep.json")

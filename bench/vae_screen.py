@@ -16,16 +16,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from config import ArgumentParser  # noqa: E402
 from errors import run_main  # noqa: E402
 from data import load_dataset, to_float  # noqa: E402
 from data.batcher import DeviceBatcher  # noqa: E402
 from models.vae import AttentionVAE  # noqa: E402
-from training.optim import lr_factor, make_ema  # noqa: E402
+from training.optim import lr_factor, make_ema, update_ema  # noqa: E402
 from training.vae_gan import kl_divergence  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="folder")
     p.add_argument("--data_root", required=True)
     p.add_argument("--seconds", type=float, default=75)
@@ -84,7 +85,7 @@ def main(argv=None):
                     group["lr"] = args.lr * lr_factor("cosine", done)
             opt.step()
             if ema is not None:
-                ema.update_parameters(vae)
+                update_ema(ema, vae)
             step += 1
             if time.time() - start >= args.seconds:
                 break

@@ -7,6 +7,7 @@ decodes only what is asked for, and caches the result for the life of the proces
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from errors import UserError
+from errors import UserError, offline
 
 SPLITS = ("train", "val", "test")
 PROGRESS_THRESHOLD = 2000  # show a progress bar when decoding more images than this
@@ -73,6 +74,9 @@ def square_crop_resize(image: Image.Image, size: int) -> Image.Image:
     Cropping by proportion before resizing means a half-resolution copy of a picture gives the same
     result; for portrait CelebA faces this is exactly "side = width, top = (height - width) // 2".
     """
+    if image.mode.startswith("I"):  # 16-bit greyscale (I;16, or I for 16-bit PNGs): scale, as convert() clips
+        levels = np.asarray(image.convert("I"), dtype=np.float64) / 257.0
+        image = Image.fromarray(levels.round().clip(0, 255).astype(np.uint8))
     image = image.convert("RGB")
     width, height = image.size
     side = min(width, height)
@@ -118,6 +122,23 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
 
 
+@contextmanager
+def reading(path: str | Path, advice: str, *errors: type[BaseException]):
+    """Parse a dataset's metadata file inside this block: a malformed one (a truncated download, an
+    HTML error page saved under the file's name) becomes one clear error, not a traceback."""
+    try:
+        yield
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, *errors) as error:  # UnicodeDecodeError too
+        detail = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise UserError(f"cannot read {path} ({detail}); {advice}") from error
+
+
+def check_download_allowed(what: str, by_hand: str) -> None:
+    """--download under SUITE_OFFLINE=1 stops here: on a firewalled machine a download can hang."""
+    if offline():
+        raise UserError(f"SUITE_OFFLINE=1 forbids downloading {what}; unset it, or {by_hand}")
+
+
 def safe_name(class_name: str) -> str:
     """File-safe class name: "bishop of llandaff" -> "bishop_of_llandaff", "colt's foot" -> "colt_s_foot"."""
     return re.sub(r"[^A-Za-z0-9.-]+", "_", class_name).strip("_.") or "class"
@@ -129,8 +150,7 @@ def safe_name(class_name: str) -> str:
 
 def _split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stratified carve-out: from each class, round(val_fraction * n) images go to val (at least one,
-    leaving at least one for train). Both index lists follow one seeded permutation, so any prefix of
-    train (subset=N) is a class-mixed random sample rather than the first class of a sorted folder."""
+    leaving at least one for train). Both index lists follow one seeded permutation."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     in_val = torch.zeros(len(labels), dtype=torch.bool)
     if val_fraction > 0:
@@ -139,6 +159,17 @@ def _split_indices(labels: torch.Tensor, val_fraction: float, seed: int) -> tupl
             count = min(max(round(val_fraction * len(members)), 1), len(members) - 1)
             in_val[members[:count]] = True
     return order[~in_val[order]], order[in_val[order]]
+
+
+def _stratified_sample(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` indices drawn at random with each class's share as in `labels` (to within one image):
+    every class is dealt out evenly along one seeded permutation, and the sample is its prefix."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    position = torch.empty(len(labels))
+    for label in labels.unique():
+        members = order[labels[order] == label]
+        position[members] = (torch.arange(len(members)) + 0.5) / len(members)
+    return order[torch.sort(position[order], stable=True).indices[:count]]
 
 
 def _take(images: ImageSet, indices: torch.Tensor) -> ImageSet:
@@ -203,10 +234,16 @@ def load_dataset(name: str, root: str | Path | None, split: str, image_size: int
         raise UserError(f"{name} at {root} has no official validation or test split, so val_fraction=0 "
                         f"leaves nothing held out; use a val_fraction above 0")
 
+    official = None  # the official split that serves a held-out request, if any
     if split == "test" and has_test:
-        result = decoded("test")
+        official = "test"
     elif split != "train" and (has_val or val_fraction == 0):
-        result = decoded("val" if has_val else "test")
+        official = "val" if has_val else "test"
+    if official:
+        # In one seeded random order: official files often come class by class, and callers that
+        # take a held-out split's first images must get every class.
+        result = decoded(official)
+        result = _take(result, torch.randperm(len(result), generator=torch.Generator().manual_seed(split_seed)))
     else:  # train, or val (and test without an official one) carved out of the official train split
         carve = 0.0 if has_val else val_fraction
         labels = torch.tensor(source.train.labels, dtype=torch.int64)
@@ -216,7 +253,7 @@ def load_dataset(name: str, root: str | Path | None, split: str, image_size: int
     if len(result) == 0:
         raise UserError(f"the {split} split of {name} at {root} holds no images")
     if split == "train" and subset is not None:
-        result = _take(result, torch.arange(min(subset, len(result))))
+        result = _take(result, _stratified_sample(result.labels, subset, split_seed + 1))
     return result
 
 

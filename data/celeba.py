@@ -10,7 +10,7 @@ import os
 import warnings
 from pathlib import Path
 
-from data import RawSplit, Source
+from data import RawSplit, Source, check_download_allowed, reading
 from errors import UserError
 
 # layout -> (attribute file, its header rows, partition file, its header rows, image folder)
@@ -19,6 +19,7 @@ LAYOUTS = {
     "kaggle": ("list_attr_celeba.csv", 1, "list_eval_partition.csv", 1, "img_align_celeba/img_align_celeba"),
 }
 PARTITIONS = {"0": "train", "1": "val", "2": "test"}
+REDOWNLOAD = "download it again (see --download)"
 BY_HAND = ('download the Kaggle "celeba-dataset" archive (jessicali9530/celeba-dataset) or the official files '
            'from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html and extract them')
 
@@ -28,6 +29,7 @@ def load_celeba(root: Path, download: bool = False, attribute: str = "Smiling") 
     if found is None and download:
         import torchvision
 
+        check_download_allowed("CelebA", f"{BY_HAND} in {root}")
         try:
             torchvision.datasets.CelebA(str(root), split="all", download=True)
         except Exception as error:  # no network, Google Drive quota, missing gdown: all end the same way
@@ -42,25 +44,27 @@ def load_celeba(root: Path, download: bool = False, attribute: str = "Smiling") 
                         f"or {BY_HAND} in {root}")
     folder, (attr_file, attr_header, partition_file, partition_header, image_dir) = found
 
-    header, rows = _read_table(folder / attr_file, attr_header)
-    names = [name for name in header[-1] if name != "image_id"]  # Kaggle's header starts with image_id
-    if attribute not in names:
-        raise UserError(f"unknown CelebA attribute {attribute!r}; valid attributes: {', '.join(names)}")
-    column = 1 + names.index(attribute)
-    is_positive = {row[0]: row[column] == "1" for row in rows}  # values are 1 / -1
+    with reading(folder / attr_file, REDOWNLOAD):
+        header, rows = _read_table(folder / attr_file, attr_header)
+        names = [name for name in header[-1] if name != "image_id"]  # Kaggle's header starts with image_id
+        if attribute not in names:
+            raise UserError(f"unknown CelebA attribute {attribute!r}; valid attributes: {', '.join(names)}")
+        column = 1 + names.index(attribute)
+        is_positive = {row[0]: row[column] == "1" for row in rows}  # values are 1 / -1
 
     # Keep only images that exist and have attributes: partial copies list far more rows than they hold.
     images = folder / image_dir
     present = set(os.listdir(images))
     splits = {split: RawSplit([], []) for split in PARTITIONS.values()}
     skipped = dict.fromkeys(PARTITIONS.values(), 0)
-    for name, partition in _read_table(folder / partition_file, partition_header)[1]:
-        split = PARTITIONS[partition]
-        if name in present and name in is_positive:
-            splits[split].images.append(str(images / name))
-            splits[split].labels.append(int(is_positive[name]))
-        else:
-            skipped[split] += 1
+    with reading(folder / partition_file, REDOWNLOAD):
+        for name, partition in _read_table(folder / partition_file, partition_header)[1]:
+            split = PARTITIONS[partition]  # codes 0, 1, 2
+            if name in present and name in is_positive:
+                splits[split].images.append(str(images / name))
+                splits[split].labels.append(int(is_positive[name]))
+            else:
+                skipped[split] += 1
     if any(skipped.values()):
         counts = ", ".join(f"{split} {count}" for split, count in skipped.items())
         warnings.warn(f"CelebA: skipped {sum(skipped.values())} images listed in {folder / partition_file} that are "

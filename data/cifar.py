@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import RawSplit, Source
+from data import RawSplit, Source, check_download_allowed, reading
 from errors import UserError
 
 BATCHES_FOLDER = "cifar-10-batches-py"
@@ -20,6 +20,7 @@ TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
 META_FILE = "batches.meta"
 HOMEPAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
+REDOWNLOAD = "re-download it with --download"
 
 
 def load_cifar10(root: Path, download: bool = False) -> Source:
@@ -32,11 +33,13 @@ def load_cifar10_catdog(root: Path, download: bool = False) -> Source:
 
 def _load(root: Path, download: bool, keep: list[str] | None) -> Source:
     folder = _find_batches(root, download)
-    class_names = _unpickle(folder / META_FILE)["label_names"]
-    train, test = _read_batches(folder, TRAIN_FILES), _read_batches(folder, TEST_FILES)
+    meta = _unpickle(folder / META_FILE)
+    with reading(folder / META_FILE, REDOWNLOAD):
+        class_names = [str(name) for name in meta["label_names"]]
+        relabel = keep and {class_names.index(name): new for new, name in enumerate(keep)}  # cat 3 -> 0, dog 5 -> 1
+    train, test = (_read_batches(folder, files, len(class_names)) for files in (TRAIN_FILES, TEST_FILES))
     if keep is None:
         return Source(class_names, train, test=test)
-    relabel = {class_names.index(name): new for new, name in enumerate(keep)}  # e.g. cat 3 -> 0, dog 5 -> 1
     return Source(keep, _keep_classes(train, relabel), test=_keep_classes(test, relabel))
 
 
@@ -48,6 +51,7 @@ def _find_batches(root: Path, download: bool) -> Path:
     if download:
         import torchvision
 
+        check_download_allowed("CIFAR-10", f"download cifar-10-python.tar.gz from {HOMEPAGE} and extract it in {root}")
         try:
             torchvision.datasets.CIFAR10(str(root), train=True, download=True)
         except Exception as error:  # no network, bad archive, disk full: all end the same way
@@ -66,14 +70,24 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as file:
             return pickle.load(file, encoding="latin1")
     except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
-        raise UserError(f"cannot read CIFAR-10 file {path} ({error}); re-download it with --download") from error
+        raise UserError(f"cannot read CIFAR-10 file {path} ({error}); {REDOWNLOAD}") from error
 
 
-def _read_batches(folder: Path, names: list[str]) -> RawSplit:
-    entries = [_unpickle(folder / name) for name in names]
-    pixels = np.concatenate([entry["data"] for entry in entries]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    labels = [label for entry in entries for label in entry.get("labels", entry.get("fine_labels"))]
-    return RawSplit(pixels, labels)  # pixels: uint8 [N, 32, 32, 3] like torchvision's CIFAR10.data
+def _read_batches(folder: Path, names: list[str], num_classes: int) -> RawSplit:
+    pixels, labels = [], []
+    for name in names:
+        entry = _unpickle(folder / name)
+        with reading(folder / name, REDOWNLOAD):
+            data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            batch_labels = [int(label) for label in entry.get("labels", entry.get("fine_labels"))]
+            if len(batch_labels) != len(data):
+                raise ValueError(f"{len(data)} images but {len(batch_labels)} labels")
+            if batch_labels and not 0 <= min(batch_labels) <= max(batch_labels) < num_classes:
+                raise ValueError(f"labels outside 0..{num_classes - 1}")
+        pixels.append(data)
+        labels += batch_labels
+    # uint8 [N, 32, 32, 3] like torchvision's CIFAR10.data
+    return RawSplit(np.concatenate(pixels).transpose(0, 2, 3, 1), labels)
 
 
 def _keep_classes(raw: RawSplit, relabel: dict[int, int]) -> RawSplit:

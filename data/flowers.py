@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import RawSplit, Source
+from data import RawSplit, Source, check_download_allowed, reading
 from errors import UserError
 
 HOMEPAGE = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
@@ -47,6 +47,8 @@ def load_flowers102(root: Path, download: bool = False, flowers_splits: str = "a
     if folder is None and download:
         import torchvision
 
+        check_download_allowed("Flowers102", f"download 102flowers.tgz, imagelabels.mat and setid.mat from "
+                                             f"{HOMEPAGE} into {root / 'flowers-102'} and extract the .tgz there")
         try:
             torchvision.datasets.Flowers102(str(root), download=True)
         except Exception as error:  # no network, bad archive, disk full: all end the same way
@@ -60,10 +62,18 @@ def load_flowers102(root: Path, download: bool = False, flowers_splits: str = "a
                         f"from {HOMEPAGE} into {root / 'flowers-102'} and extract the .tgz there")
 
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
-    labels = loadmat(folder / "imagelabels.mat")["labels"].ravel() - 1  # 1-based in the file
-    set_ids = loadmat(folder / "setid.mat")
-    ids = {split: set_ids[key].ravel() for split, key in SET_KEYS.items()}
+    advice = f"download it again from {HOMEPAGE} (or pass --download after removing it)"
+    with reading(folder / "imagelabels.mat", advice, MatReadError, OSError):
+        labels = loadmat(folder / "imagelabels.mat")["labels"].ravel().astype(np.int64) - 1  # 1-based in the file
+        if len(labels) == 0 or labels.min() < 0 or labels.max() >= len(CLASS_NAMES):
+            raise ValueError(f"labels outside 1..{len(CLASS_NAMES)}")
+    with reading(folder / "setid.mat", advice, MatReadError, OSError):
+        set_ids = loadmat(folder / "setid.mat")
+        ids = {split: set_ids[key].ravel().astype(np.int64) for split, key in SET_KEYS.items()}
+        if any(((i < 1) | (i > len(labels))).any() for i in ids.values()):
+            raise ValueError(f"image ids outside 1..{len(labels)}, the images imagelabels.mat labels")
 
     def split_of(image_ids: np.ndarray) -> RawSplit:
         return RawSplit([str(folder / "jpg" / f"image_{i:05d}.jpg") for i in image_ids],

@@ -1,6 +1,7 @@
 """Samplers as pure functions over a denoiser `denoise(x, t) -> (x0_hat, eps_hat)` where t is
 an integer timestep tensor [B]. Each walks `steps` timesteps down from T-1 and then one last
-step to clean data, so `steps` is the number of network evaluations."""
+step to clean data, so `steps` is the number of network evaluations. `callback(i, t, x, x0)`
+sees each step's input x_t and its clean estimate, before the step (as k-diffusion's does)."""
 import math
 
 import torch
@@ -21,13 +22,13 @@ def ddim(denoise, x, schedule, steps, eta=0.0, generator=None, callback=None):
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1
         x0, eps = denoise(x, _full(x, t))
+        if callback is not None:
+            callback(i, t, x, x0)
         abar_t, abar_s = schedule.abar(torch.tensor(t)).item(), schedule.abar(torch.tensor(s)).item()
         var = eta ** 2 * (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)
         x = abar_s ** 0.5 * x0 + max(1 - abar_s - var, 0.0) ** 0.5 * eps
         if var > 0:
             x = x + var ** 0.5 * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        if callback is not None:
-            callback(i, t, x, x0)
     return x
 
 
@@ -45,6 +46,8 @@ def dpmpp_2m(denoise, x, schedule, steps, generator=None, callback=None):
     for i, t in enumerate(ts):
         s = ts[i + 1] if i + 1 < len(ts) else -1
         x0, _ = denoise(x, _full(x, t))
+        if callback is not None:
+            callback(i, t, x, x0)
         abar_t = schedule.abar(torch.tensor(t)).item()
         alpha_t, sigma_t = abar_t ** 0.5, (1 - abar_t) ** 0.5
         if s == -1:  # the last step lands on clean data: x = x0_hat
@@ -59,8 +62,6 @@ def dpmpp_2m(denoise, x, schedule, steps, generator=None, callback=None):
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
             x = (sigma_s / sigma_t) * x - alpha_s * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        if callback is not None:
-            callback(i, t, x, x0)
     return x
 
 

@@ -66,11 +66,16 @@ class NoiseSchedule:
         self.kind, self.timesteps = kind, timesteps
         self.betas = betas
         self.alphas_cumprod = alphas_cumprod  # float64 [T]
+        self._tables = {}  # abar with the clean end first, one copy per device
 
     def abar(self, t):
-        """abar at integer timesteps t (tensor); t = -1 means clean data (abar = 1)."""
-        table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
-        return table[(t + 1).long().cpu()]
+        """abar at integer timesteps t (tensor), on t's device; t = -1 means clean data (abar = 1).
+        Looked up there, so a training step on a GPU never waits for a copy to the host."""
+        table = self._tables.get(t.device)
+        if table is None:
+            table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
+            table = self._tables[t.device] = table.to(t.device, torch.float32 if t.device.type == "mps" else None)
+        return table[(t + 1).long()]
 
     def alpha_sigma(self, t, like):
         """alpha_t, sigma_t shaped to broadcast against `like` [B, ...]."""

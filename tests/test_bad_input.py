@@ -50,6 +50,7 @@ CASES = [
     case("main_minutes_negative", *M, "--minutes", "-1", contains="minutes"),
     case("main_minutes_with_train_all", *M[:1], "--train_all", *M[2:], "--minutes", "3", contains="--vae_minutes"),
     case("main_subset_negative", *M, "--subset", "-5", contains="--subset"),
+    case("main_flag_prefix_is_not_guessed", *M, "--vae_lr", "cosine", contains="unrecognized arguments: --vae_lr"),
     case("main_eval_samples_one", *M, "--eval_every", "1", "--eval_samples", "1", contains="--eval_samples"),
     case("main_image_size_not_halvable", *M, "--image_size", "17", contains="divisible by 2"),
     case("main_vgg_weights_not_a_checkpoint", "main.py", "--train_vae", *TRAIN, "--data_root", "{data}",

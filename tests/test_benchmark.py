@@ -19,8 +19,8 @@ def test_benchmark_writes_every_figure_for_each_model(tmp_path):
         assert train["batch"] == 4 and train["images_per_s"] > 0 and train["training_gflop_per_image"] > 0, name
         assert train["achieved_tflop_per_s"] > 0 and train["mfu"] > 0, name
         runs = figures["sampling"]["runs"]
-        assert [(r["sampler"], r["steps"]) for r in runs] == [
-            ("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpmpp", 10), ("dpmpp", 20), ("dpmpp", 50), ("ddpm", 1000)]
+        assert [(r["sampler"], r["steps"]) for r in runs] == [  # DDPM: all of the tiny preset's 100 steps
+            ("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpmpp", 10), ("dpmpp", 20), ("dpmpp", 50), ("ddpm", 100)]
         assert all(r["ms_per_step"] > 0 for r in runs), name
         assert runs[-1]["measured_steps"] == 10 and runs[-1]["images_per_s_extrapolated"] > 0  # --quick on a CPU
     assert report["models"]["latent_unet"]["params"] < 2e6  # the tiny preset's width, not the default's 17.5M
@@ -28,6 +28,23 @@ def test_benchmark_writes_every_figure_for_each_model(tmp_path):
     assert report["models"]["latent_transformer"]["sample_shape"] == [4, 8, 8]
     assert report["models"]["unet"]["sample_shape"] == [3, 32, 32]
     assert "latent_unet" in result.stdout and "dpmpp20" in result.stdout  # the printed table
+
+
+def test_flop_count_includes_softmax_attention_on_the_cpu():
+    """The CPU's fused attention kernel counts as 0 FLOPs unless counted through the math kernel."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location("benchmark", "bench/benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+
+    class Attention(torch.nn.Module):  # q, k, v contiguous: the CPU takes its fused kernel
+        def forward(self, x, t, y):
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+    heads, tokens, dim = 2, 16, 8
+    flops = benchmark.training_flops_per_image(Attention(), (heads, tokens, dim), torch.device("cpu"))
+    assert flops == 3 * 4 * heads * tokens ** 2 * dim  # QK^T and AV, 2 FLOPs a multiply-add, x3 for training
 
 
 def test_benchmark_refuses_bad_flags(tmp_path):

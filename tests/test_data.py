@@ -92,19 +92,31 @@ def test_cifar10_catdog_relabels(cifar10_root):
     catdog = load_dataset("cifar10_catdog", cifar10_root, "test")
     check_shapes(catdog, 8, 32, 2)
     assert catdog.class_names == ["cat", "dog"]
-    assert torch.equal(catdog.images[catdog.labels == 0], full.images[full.labels == 3])
-    assert torch.equal(catdog.images[catdog.labels == 1], full.images[full.labels == 5])
+    assert image_set(catdog.images[catdog.labels == 0]) == image_set(full.images[full.labels == 3])
+    assert image_set(catdog.images[catdog.labels == 1]) == image_set(full.images[full.labels == 5])
     assert len(load_dataset("cifar10_catdog", cifar10_root, "train")) == 14  # 16 minus one val image per class
 
 
-def test_cifar_errors(tmp_path, image_folder_root, monkeypatch):
+def test_cifar_errors(tmp_path, image_folder_root):
     with pytest.raises(UserError, match=r"looked for .*cifar-10-batches-py.*--download.*cifar-10-python\.tar\.gz"):
         load_dataset("cifar10_catdog", tmp_path, "train")
     with pytest.raises(UserError, match="use --dataset folder"):
         load_dataset("cifar10_catdog", image_folder_root, "train")
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", raise_offline)
-    with pytest.raises(UserError, match="could not download CIFAR-10.*no network.*by hand"):
-        load_dataset("cifar10", tmp_path, "train", download=True)
+
+
+@pytest.mark.parametrize("name, torchvision_class, shown", [
+    ("cifar10", "CIFAR10", "CIFAR-10"), ("celeba_smiling", "CelebA", "CelebA"), ("flowers102", "Flowers102", "Flowers102")])
+def test_download_is_refused_offline_and_a_failed_one_is_one_clear_error(tmp_path, monkeypatch, name,
+                                                                         torchvision_class, shown):
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, torchvision_class, lambda *a, **k: calls.append(a) or raise_offline())
+    with pytest.raises(UserError, match=f"SUITE_OFFLINE=1 forbids downloading {shown}; unset it, or download"):
+        load_dataset(name, tmp_path, "train", download=True)  # the tests run with SUITE_OFFLINE=1
+    assert calls == []
+    monkeypatch.delenv("SUITE_OFFLINE")
+    with pytest.raises(UserError, match=f"could not download {shown}.*no network.*by hand"):
+        load_dataset(name, tmp_path, "train", download=True)
+    assert len(calls) == 1
 
 
 # --- the split rule --------------------------------------------------------------------------------
@@ -123,13 +135,33 @@ def test_val_carve_out_is_disjoint_stratified_and_seeded(cifar10_root):
     assert sorted(other.labels.tolist()) == list(range(10))  # still one image per class
 
 
-def test_subset(cifar10_root):
-    train = load_dataset("cifar10", cifar10_root, "train")
-    subset = load_dataset("cifar10", cifar10_root, "train", subset=12)
-    assert torch.equal(subset.images, train.images[:12]) and torch.equal(subset.labels, train.labels[:12])
-    assert len(subset.labels.unique()) > 3  # a prefix of a shuffled train split, not one class
+def test_subset_is_a_seeded_sample_with_each_class_share(cifar10_root):
+    train = load_dataset("cifar10", cifar10_root, "train")  # 7 images of each of 10 classes
+    subset = load_dataset("cifar10", cifar10_root, "train", subset=20)
+    assert image_set(subset.images) < image_set(train.images)
+    assert subset.labels.bincount(minlength=10).tolist() == [2] * 10  # each class's share, exactly
+    assert torch.equal(load_dataset("cifar10", cifar10_root, "train", subset=20).images, subset.images)
     assert len(load_dataset("cifar10", cifar10_root, "train", subset=10_000)) == 70
     assert len(load_dataset("cifar10", cifar10_root, "val", subset=1)) == 10  # only train is cut
+
+
+def test_stratified_sample_keeps_class_shares_where_a_prefix_of_the_carved_split_does_not():
+    # Carving held-out images from the front of each class's run of a permutation leaves the
+    # train split's first images short of the classes that came late: the sample must not be.
+    labels = torch.arange(10).repeat_interleave(1000)
+    train, _ = data._split_indices(labels, 0.1, seed=0)
+    for count in (100, 500, 3333):
+        shares = labels[train][data._stratified_sample(labels[train], count, seed=1)].bincount(minlength=10)
+        assert shares.sum() == count and shares.max() - shares.min() <= 1
+    assert labels[train[:100]].bincount(minlength=10).min() <= 1  # what the prefix gave
+
+
+def test_official_held_out_splits_come_in_a_seeded_class_mixed_order(tmp_path):
+    root = make_image_folder(tmp_path / "sorted", classes=("a", "b", "c"), n_train=6, n_test=6)
+    test = load_dataset("folder", root, "test")  # the files are listed class by class
+    assert len(set(test.labels[:6].tolist())) > 1 and sorted(test.labels.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
+    data.clear_cache()
+    assert torch.equal(load_dataset("folder", root, "test").images, test.images)  # the same order again
 
 
 def test_val_fraction_zero(cifar10_root, tmp_path):
@@ -262,12 +294,9 @@ def test_celeba_without_validation_partition_carves_val(tmp_path):
     assert torch.equal(test.images, val.images)
 
 
-def test_celeba_errors(tmp_path, monkeypatch):
+def test_celeba_errors(tmp_path):
     with pytest.raises(UserError, match=r"list_attr_celeba\.txt.*list_attr_celeba\.csv.*--download.*celeba-dataset"):
         load_dataset("celeba_smiling", tmp_path, "train")
-    monkeypatch.setattr(torchvision.datasets, "CelebA", raise_offline)
-    with pytest.raises(UserError, match="could not download CelebA.*no network.*by hand"):
-        load_dataset("celeba_smiling", tmp_path, "train", download=True)
 
 
 # --- Flowers102 ------------------------------------------------------------------------------------
@@ -293,6 +322,77 @@ def test_flowers102_errors(tmp_path, flowers102_root):
         load_dataset("flowers102", tmp_path, "train")
     with pytest.raises(UserError, match="unknown flowers_splits 'some'"):
         load_dataset("flowers102", flowers102_root, "train", flowers_splits="some")
+
+
+def _spoil(root, name, content):
+    path = next(root.rglob(name))
+    if callable(content):
+        content(path)
+    else:
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    return path
+
+
+def _rewrite_pickle(change):
+    def rewrite(path):
+        import pickle
+        with open(path, "rb") as file:
+            entry = pickle.load(file, encoding="latin1")
+        with open(path, "wb") as file:
+            pickle.dump(change(entry), file)
+    return rewrite
+
+
+def _edit_text(change):
+    return lambda path: path.write_text(change(path.read_text()))
+
+
+MALFORMED = {  # dataset, file, what to write or do to it, the error's words
+    "cifar batch without data": ("cifar10_catdog", "data_batch_1", _rewrite_pickle(lambda e: {"labels": e["labels"]}),
+                                 r"data_batch_1 \(KeyError: 'data'\); re-download"),
+    "cifar batch of the wrong width": ("cifar10", "data_batch_2", _rewrite_pickle(lambda e: {**e, "data": e["data"][:, :100]}),
+                                       r"data_batch_2 \(ValueError: cannot reshape"),
+    "cifar label out of range": ("cifar10", "test_batch", _rewrite_pickle(lambda e: {**e, "labels": [12] * len(e["labels"])}),
+                                 r"test_batch \(ValueError: labels outside 0\.\.9\)"),
+    "cifar meta without names": ("cifar10", "batches.meta", _rewrite_pickle(lambda e: {"names": []}),
+                                 r"batches\.meta \(KeyError: 'label_names'\)"),
+    "celeba partition code 3": ("celeba_smiling", "list_eval_partition.txt", _edit_text(lambda t: t.replace(" 0", " 3", 1)),
+                                r"list_eval_partition\.txt \(KeyError: '3'\); download it again"),
+    "celeba short partition row": ("celeba_smiling", "list_eval_partition.txt", _edit_text(lambda t: t + "000099.jpg\n"),
+                                   r"list_eval_partition\.txt \(ValueError: not enough values"),
+    "celeba empty attribute file": ("celeba_smiling", "list_attr_celeba.txt", "", r"list_attr_celeba\.txt \(IndexError"),
+    "celeba binary attribute file": ("celeba_smiling", "list_attr_celeba.txt", bytes(range(128, 256)) * 8,
+                                     r"list_attr_celeba\.txt \(UnicodeDecodeError"),
+    "flowers labels as an HTML page": ("flowers102", "imagelabels.mat", "<html>quota exceeded</html>",
+                                       r"imagelabels\.mat \(.*\); download it again from https://"),
+    "flowers empty setid": ("flowers102", "setid.mat", b"", r"setid\.mat \(MatReadError"),
+    "flowers setid without trnid": ("flowers102", "setid.mat",
+                                    lambda path: __import__("scipy.io").io.savemat(path, {"valid": np.arange(1, 3)}),
+                                    r"setid\.mat \(KeyError: 'trnid'\)"),
+}
+
+
+def test_16_bit_greyscale_images_are_scaled_not_clipped(tmp_path):
+    levels = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    for name in ("a", "b"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(levels).save(tmp_path / "train" / name / f"{i}.png")  # read back as mode I;16
+    images = load_dataset("folder", tmp_path, "val", val_fraction=0.5).images
+    expected = torch.from_numpy(np.round(levels / 257.0).astype(np.uint8))
+    assert torch.equal(images[0, 0], expected) and torch.equal(images[0, 2], expected)
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_metadata_is_one_clear_error(tmp_path, case):
+    from fixtures import make_cifar10, make_flowers102
+    name, file_name, content, message = MALFORMED[case]
+    make = {"cifar10_catdog": make_cifar10, "cifar10": make_cifar10, "celeba_smiling": make_celeba,
+            "flowers102": make_flowers102}[name]
+    root = make(tmp_path / "data")
+    _spoil(root, file_name, content)
+    with pytest.raises(UserError, match=message):
+        load_dataset(name, root, "train")
 
 
 # --- DeviceBatcher ---------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import torch
 from diffusion import gaussian
 from diffusion.guidance import guidance_scale_at, make_denoiser
 from diffusion.objective import DiffusionLoss, loss_weight, target_for, to_x0_eps
-from diffusion.samplers import ddim, ddpm, dpmpp_2m
+from diffusion.samplers import SAMPLERS, ddim, ddpm, dpmpp_2m
+from diffusion.samplers import sample as run_sampler
 from diffusion.schedule import NoiseSchedule, sampling_timesteps
 
 
@@ -22,6 +23,10 @@ def test_linear_schedule_matches_closed_form():
         abar *= 1 - b
         if i in (0, 1, 500, 999):
             assert s.alphas_cumprod[i].item() == pytest.approx(abar, rel=1e-12)
+    t = torch.tensor([-1, 0, 999])
+    assert torch.equal(s.abar(t), torch.cat([torch.ones(1, dtype=torch.float64), s.alphas_cumprod[[0, 999]]]))
+    # Looked up on t's own device (a GPU step must not copy t to the host): the meta device shows it.
+    assert s.abar(t.to("meta")).device.type == "meta"
 
 
 def test_linear_schedule_spans_the_same_noise_levels_at_any_length():
@@ -239,6 +244,24 @@ def test_guidance_schedules_average_to_the_constant_scale():
         assert sum(values) / len(values) == pytest.approx(3.0, rel=0.02)
     assert guidance_scale_at(3.0, "adaptive", 0.0) < 3.0 < guidance_scale_at(3.0, "adaptive", 1.0)
     assert guidance_scale_at(1.0, "adaptive", 0.9) == 1.0
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_callback_sees_each_steps_input_and_its_estimate(name):
+    """The denoising figures label a column with t: its x must be the state at t (x_T first)."""
+    schedule = NoiseSchedule("cosine", 100)
+    seen, calls = [], []
+
+    def denoise(x, t):
+        calls.append((x.clone(), int(t[0])))
+        return 0.5 * x, 0.5 * x
+
+    x_T = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    run_sampler(name, denoise, x_T, schedule, 6, generator=torch.Generator().manual_seed(1),
+                callback=lambda i, t, x, x0: seen.append((i, int(t), x.clone(), x0.clone())))
+    assert torch.equal(seen[0][2], x_T) and len(seen) == len(calls) == 6
+    for (i, t, x, x0), (x_in, t_in) in zip(seen, calls):
+        assert t == t_in and torch.equal(x, x_in) and torch.equal(x0, 0.5 * x_in)
 
 
 def test_ddpm_noise_of_one_batch_is_not_the_start_of_the_next(monkeypatch):

@@ -71,6 +71,10 @@ def test_generate_writes_grid_and_images_and_is_seeded(latent_run, tmp_path):
     read = lambda d: imageio.imread(os.path.join(d, "dog", "dog_000.png"))  # noqa: E731
     assert (read(out1) == read(out2)).all()       # same seed, same images
     assert not (read(out1) == read(out3)).all()   # another seed, other images
+    # A later, smaller call into the same folder leaves exactly its own images (other files stay).
+    open(os.path.join(out1, "dog", "notes.txt"), "w").close()
+    assert generate.main(args + ["--output_dir", out1, "--seed", "7", "--num_samples", "2"]) == 0
+    assert sorted(os.listdir(os.path.join(out1, "dog"))) == ["dog_000.png", "dog_001.png", "notes.txt"]
 
 
 def test_generate_all_classes_and_sampler_options(latent_run, tmp_path):
@@ -262,6 +266,9 @@ def test_sampling_sweep_scores_every_setting_with_either_weights(latent_run, rea
     reports = {w: json.load(open(path)) for w, path in out.items()}
     assert [reports[w]["weights"] for w in out] == ["ema", "raw", "ema"]
     assert [reports[w]["amp"] for w in out] == ["auto", "auto", "bf16"]  # the run's, or the one asked for
+    assert reports["bf16"]["compute_dtype"] == "torch.bfloat16"  # what "auto" or "bf16" came to here
+    assert run_main(sampling_sweep.main, base + ["--num_samples", "1"]) == 2  # one line: no traceback
+    assert "--num_samples must be at least 2" in capsys.readouterr().err
     for report in reports.values():
         settings = [(r["sampler"], r["steps"], r["guidance_scale"]) for r in report["rows"]]
         assert settings == [("dpmpp", 3, 1.0), ("dpmpp", 3, 2.0), ("ddim", 2, 1.0), ("ddim", 2, 2.0)]
@@ -298,3 +305,26 @@ def test_pixel_denoisers_on_all_ten_cifar_classes(model, cifar10_root, tmp_path)
         assert visualize.main(["--results_dir", run, "--mode", mode, "--class_name", "horse", *steps,
                                "--device", "cpu"]) == 0
     assert os.path.isfile(os.path.join(run, "denoising_steps_horse.png"))
+
+
+def test_reconstruction_rows_are_named_by_their_own_class(monkeypatch, tmp_path):
+    """Classes with fewer held-out images than a row holds must not shift the later rows' names."""
+    from viz import figures
+
+    class Identity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, sample=True):
+            return (x,)
+
+    labels = torch.tensor([0] * 3 + [1] * 10 + [2] * 5)
+    images = labels.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).to(torch.uint8) * 100  # the class in the pixels
+    drawn = {}
+    monkeypatch.setattr(figures, "labelled_rows", lambda rows, names, path, **kw: drawn.update(rows=rows, names=names))
+    figures.reconstruction_grid(Identity(), images, labels, ["a", "b", "c"], str(tmp_path / "r.png"), per_class=8)
+    reals = drawn["rows"][0::2]
+    assert [name.split("\n")[0] for name in drawn["names"][0::2]] == ["a", "b", "c"]
+    assert [len(r) for r in reals] == [3, 8, 5]
+    assert all((row == 100 * c).all() for c, row in enumerate(reals))

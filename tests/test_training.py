@@ -175,19 +175,58 @@ def test_lr_factor_is_a_half_cosine_over_the_plan():
 
 
 def test_ema_warms_up_then_uses_the_configured_decay():
-    from training.optim import make_ema
+    from training.optim import make_ema, update_ema
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(0.0)
     ema = make_ema(model, 0.999)
-    ema.update_parameters(model)  # the first update copies
+    update_ema(ema, model)  # the first update copies
     with torch.no_grad():
         model.weight.fill_(1.0)
-    ema.update_parameters(model)  # n = 1: decay (1 + 1) / (10 + 1)
+    update_ema(ema, model)  # n = 1: decay (1 + 1) / (10 + 1)
     assert ema.module.weight.item() == pytest.approx(1 - 2 / 11)
     for _ in range(5000):
-        ema.update_parameters(model)
+        update_ema(ema, model)
     assert ema.module.weight.item() == pytest.approx(1.0, abs=1e-3)  # the start is forgotten
+    assert ema.n_averaged.device.type == "cpu" and int(ema.n_averaged) == 5002
+
+
+def test_ema_averages_parameters_and_float_buffers_and_copies_counters():
+    from training.optim import make_ema, update_ema
+
+    class WithBuffers(torch.nn.Linear):
+        def __init__(self):
+            super().__init__(3, 2)
+            self.register_buffer("running", torch.zeros(2))
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    torch.manual_seed(0)
+    model = WithBuffers()
+    ema, decay = make_ema(model, 0.9), 0.9
+    expected = None
+    for n in range(30):
+        with torch.no_grad():
+            for t in (model.weight, model.bias, model.running):
+                t.add_(torch.randn_like(t))
+            model.calls.add_(1)
+        update_ema(ema, model)
+        current = [model.weight.detach().clone(), model.bias.detach().clone(), model.running.clone()]
+        weight = 1 - min(decay, (1 + n) / (10 + n))  # the warm-up's decay after n updates
+        expected = current if expected is None else [e + weight * (c - e) for e, c in zip(expected, current)]
+    for got, want in zip((ema.module.weight, ema.module.bias, ema.module.running), expected):
+        torch.testing.assert_close(got, want)
+    assert int(ema.module.calls) == 30 and int(ema.n_averaged) == 30
+
+
+def test_optimizer_state_takes_the_fused_flag_of_the_device_it_resumes_on():
+    from training.optim import load_optimizer_state, make_optimizer
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    saved_on_cpu = make_optimizer(params, 1e-3, device=torch.device("cpu")).state_dict()
+    on_gpu = make_optimizer(params, 1e-3)
+    load_optimizer_state(on_gpu, saved_on_cpu, torch.device("cuda"))  # only sets the flag: no GPU needed
+    assert saved_on_cpu["param_groups"][0]["fused"] is None and on_gpu.param_groups[0]["fused"] is True
+    load_optimizer_state(on_gpu, on_gpu.state_dict(), torch.device("cpu"))
+    assert on_gpu.param_groups[0]["fused"] is None
 
 
 def test_compiled_training_step_gives_the_eager_losses():

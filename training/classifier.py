@@ -11,7 +11,7 @@ from data.batcher import DeviceBatcher
 from evaluation.metrics import per_class_accuracy
 from models.classifier import ImageClassifier
 from training import distributed as dist
-from training.optim import autocast, grads_finite_step, make_optimizer, make_scaler
+from training.optim import autocast, grads_finite_step, load_optimizer_state, make_optimizer, make_scaler
 
 CLASSIFIER_FILE = "classifier_best.pt"
 
@@ -81,7 +81,7 @@ class ClassifierStage:
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
+        load_optimizer_state(self.opt, state["opt"], self.device)
         self.sched.load_state_dict(state["sched"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

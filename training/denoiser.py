@@ -8,8 +8,8 @@ from diffusion.objective import DiffusionLoss
 from models import build_denoiser
 from pipeline import Pipeline, make_schedule
 from training import distributed as dist
-from training.optim import (autocast, compile_wanted, grads_finite_step, lr_factor, make_ema, make_optimizer,
-                            make_scaler, warmup_schedule)
+from training.optim import (autocast, compile_wanted, grads_finite_step, load_optimizer_state, lr_factor, make_ema,
+                            make_optimizer, make_scaler, update_ema, warmup_schedule)
 
 
 def latent_standardization(means):
@@ -77,7 +77,7 @@ class DenoiserStage:
         if not grads_finite_step(loss, list(self.model.parameters()), self.opt, self.cfg.grad_clip, self.scaler):
             return None
         self.sched.step()
-        self.ema.update_parameters(self.model)
+        update_ema(self.ema, self.model)
         return {"loss": loss.detach()}
 
     @property
@@ -140,7 +140,7 @@ class DenoiserStage:
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["opt"])
+        load_optimizer_state(self.opt, state["opt"], self.device)
         self.sched.load_state_dict(state["sched"])
         # A resumed run may be given another --lr: rescale, so warm-up and schedule go on from it.
         for i, group in enumerate(self.opt.param_groups):

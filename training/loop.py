@@ -198,6 +198,9 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
                 else:
                     since_best += 1
             stop_early = getattr(stage, "early_stopping", False) and cfg.patience and since_best >= cfg.patience
+            # Each rank judges its own copy of the held-out metric: a last-bit difference must not
+            # stop one rank while the others go on into the next all-reduce.
+            stop_early = dist.any_across_ranks(stop_early)
             if stop_early and dist.is_main():
                 tqdm.write(f"[{stage.kind}] early stop at epoch {epoch}: {metric_name} has not improved for "
                            f"{since_best} evaluations (best {best:.4g}, --patience {cfg.patience})")

@@ -1,15 +1,27 @@
 """Optimizer, warm-up schedule, EMA and autocast, shared by every stage."""
 import contextlib
 import functools
+import itertools
 import math
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 
 
+def _fused(device):
+    return (device is not None and device.type == "cuda") or None  # fused AdamW: one kernel per step on GPUs
+
+
 def make_optimizer(params, lr, weight_decay=0.0, betas=(0.9, 0.999), device=None):
-    fused = device is not None and device.type == "cuda"  # fused AdamW: one kernel per step on GPUs
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=fused or None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, fused=_fused(device))
+
+
+def load_optimizer_state(optimizer, state, device):
+    """Restore a saved optimizer on this device: the saved groups carry the saving device's
+    `fused` flag, so a CPU run resumed on a GPU would otherwise step unfused."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group["fused"] = _fused(device)
 
 
 def warmup_schedule(optimizer, warmup_steps, decay=lambda: 1.0):
@@ -38,6 +50,21 @@ def make_ema(model, decay):
         n = int(num_averaged)
         torch._foreach_lerp_(ema_params, params, 1.0 - min(decay, (1 + n) / (10 + n)))
     return AveragedModel(model, multi_avg_fn=ema_update, use_buffers=True)
+
+
+def update_ema(ema, model):
+    """ema.update_parameters(model) without its host syncs: AveragedModel hands its step counter
+    (a CPU tensor) to the averaging function on the GPU, which has to read it back every step."""
+    n = int(ema.n_averaged)
+    averaged = [t.detach() for t in itertools.chain(ema.module.parameters(), ema.module.buffers())]
+    current = [t.detach() for t in itertools.chain(model.parameters(), model.buffers())]
+    floating = [a.is_floating_point() for a in averaged]
+    for a, c, is_float in zip(averaged, current, floating, strict=True):
+        if n == 0 or not is_float:  # counters (BatchNorm's) are copied, not averaged
+            a.copy_(c)
+    if n > 0:
+        ema.multi_avg_fn([a for a, f in zip(averaged, floating) if f], [c for c, f in zip(current, floating) if f], n)
+    ema.n_averaged += 1
 
 
 @functools.cache

@@ -12,7 +12,7 @@ from data import to_float
 from errors import UserError, offline
 from models import VGG16Features, build_discriminator, build_vae
 from training import distributed as dist
-from training.optim import autocast, grads_finite_step, lr_factor, make_optimizer, make_scaler
+from training.optim import autocast, grads_finite_step, load_optimizer_state, lr_factor, make_optimizer, make_scaler
 
 VGG16_FILE = "vgg16-397923af.pth"
 
@@ -202,8 +202,8 @@ class VAEGANStage:
         self.vae.load_state_dict(state["vae"])
         self.disc.load_state_dict(state["disc"])
         self.center_loss.load_state_dict(state["center_loss"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        load_optimizer_state(self.opt_g, state["opt_g"], self.device)
+        load_optimizer_state(self.opt_d, state["opt_d"], self.device)
         if self.scaler_g is not None and "scaler_g" in state:
             self.scaler_g.load_state_dict(state["scaler_g"])
             self.scaler_d.load_state_dict(state["scaler_d"])

@@ -1,6 +1,7 @@
 """Figures: the pictures that training writes periodically and visualize.py draws on demand."""
 import math
 import os
+import re
 from collections import defaultdict
 
 import matplotlib
@@ -103,19 +104,16 @@ def class_sample_grid(pipe, path, per_class=8, seed=0, classes=None, **sample_kw
 @torch.no_grad()
 def reconstruction_grid(vae, images, labels, class_names, path, per_class=8):
     """Held-out images above their VAE reconstructions, for a readable subset of classes."""
-    picks = []
-    for c in pick_classes(class_names, limit=6):
-        picks += (labels == c).nonzero().flatten()[:per_class].tolist()
-    real = images[picks]
     device = next(vae.parameters()).device
     was_training = vae.training
     vae.eval()
-    recon = vae(to_float(real.to(device)), sample=False)[0].float().clamp(-1, 1).cpu()
-    vae.train(was_training)
     rows, names = [], []
-    for i in range(0, len(real), per_class):
-        rows += [real[i:i + per_class], recon[i:i + per_class]]
-        names += [f"{class_names[int(labels[picks[i]])]}\nreal", "reconstruction"]
+    for c in pick_classes(class_names, limit=6):  # a class with fewer held-out images gets a shorter row
+        real = images[(labels == c).nonzero().flatten()[:per_class]]
+        if len(real):
+            rows += [real, vae(to_float(real.to(device)), sample=False)[0].float().clamp(-1, 1).cpu()]
+            names += [f"{class_names[c]}\nreal", "reconstruction"]
+    vae.train(was_training)
     labelled_rows(rows, names, path, title="VAE reconstructions of held-out images")
 
 
@@ -237,12 +235,19 @@ def denoising_path_figure(pipe, label, real_latents, real_labels, path, num_samp
 
 
 def save_individual(images, folder, prefix):
+    """One PNG per image, numbered; numbered images left by an earlier, larger call are removed so
+    that the folder holds exactly this set (tools that score a folder of images would mix them)."""
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i, img in enumerate(images):
         p = os.path.join(folder, f"{prefix}_{i:03d}.png")
         save_image((img.float().cpu() + 1) / 2, p)
         paths.append(p)
+    numbered = re.compile(re.escape(prefix) + r"_(\d{3,})\.png")
+    for name in os.listdir(folder):
+        match = numbered.fullmatch(name)
+        if match and int(match.group(1)) >= len(images):
+            os.remove(os.path.join(folder, name))
     return paths
 
 
