@@ -36,7 +36,8 @@ class Config:
     preset: str = "default"
     seed: int = 0
     device: str = "auto"
-    amp: str = "auto"                     # auto (bf16 on CUDA and on CPUs with native bf16, fp16 before Ampere, else fp32) | bf16 | fp16 | none
+    amp: str = "auto"                     # auto | bf16 | fp16 | none (auto: bf16 on CUDA and on CPUs with
+    #                                       native bf16, fp16 on GPUs before Ampere, else fp32)
     compile: bool | None = None           # torch.compile the denoiser's training model (None: on CUDA)
     log_every: int = 50                   # steps between host syncs for logging
     picture_every: int = 10               # epochs between periodic pictures
@@ -250,7 +251,8 @@ def add_common_args(parser):
     g.add_argument("--seed", type=int, help="random seed (same seed, same results)")
     g.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
     g.add_argument("--batch_size", type=int, help="batch size of the stage being run")
-    g.add_argument("--subset", type=int, help="train on N images drawn at random (seeded), each class keeping its share")
+    g.add_argument("--subset", type=int,
+                   help="train on N images drawn at random (seeded), each class keeping its share")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="named settings on top of the defaults (the measured 20-minute recipe): cpu (bf16 "
                         "autocast), s1 and s4 (the seeds'), tiny (smoke runs)")

@@ -62,7 +62,8 @@ def parse_args(argv=None):
     g.add_argument("--adv_ramp_epochs", type=int)
     g = p.add_argument_group("denoiser")
     g.add_argument("--base_channels", type=int, help="UNet width")
-    g.add_argument("--attention", choices=ATTENTION_KINDS, help="transformer attention (default softmax for latent_transformer, linear for transformer)")
+    g.add_argument("--attention", choices=ATTENTION_KINDS,
+                   help="transformer attention (default softmax for latent_transformer, linear for transformer)")
     g.add_argument("--transformer_width", type=int)
     g.add_argument("--transformer_depth", type=int)
     g.add_argument("--patch_size", type=int)

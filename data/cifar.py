@@ -36,7 +36,8 @@ def _load(root: Path, download: bool, keep: list[str] | None) -> Source:
     meta = _unpickle(folder / META_FILE)
     with reading(folder / META_FILE, REDOWNLOAD):
         class_names = [str(name) for name in meta["label_names"]]
-        relabel = keep and {class_names.index(name): new for new, name in enumerate(keep)}  # cat 3 -> 0, dog 5 -> 1
+        # e.g. cat 3 -> 0, dog 5 -> 1
+        relabel = None if keep is None else {class_names.index(name): new for new, name in enumerate(keep)}
     train, test = (_read_batches(folder, files, len(class_names)) for files in (TRAIN_FILES, TEST_FILES))
     if keep is None:
         return Source(class_names, train, test=test)
