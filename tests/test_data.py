@@ -145,6 +145,13 @@ def test_subset_is_a_seeded_sample_with_each_class_share(cifar10_root):
     assert len(load_dataset("cifar10", cifar10_root, "val", subset=1)) == 10  # only train is cut
 
 
+def test_each_class_holds_out_its_own_share():
+    labels = torch.tensor([0] * 30 + [1] * 15 + [2] * 2)
+    train, val = data._split_indices(labels, 0.1, seed=0)
+    # round(3.0), round(1.5) and at least one, leaving at least one for training
+    assert labels[val].bincount().tolist() == [3, 2, 1] and labels[train].bincount().tolist() == [27, 13, 1]
+
+
 def test_stratified_sample_keeps_class_shares_where_a_prefix_of_the_carved_split_does_not():
     # Carving held-out images from the front of each class's run of a permutation leaves the
     # train split's first images short of the classes that came late: the sample must not be.

@@ -135,7 +135,7 @@ def test_sampling_timesteps_are_distinct_and_span_the_schedule(kind, spacing):
         assert len(ts) == steps and ts[0] == 999 and ts == sorted(set(ts), reverse=True) and min(ts) >= 0
         if steps > 1:
             assert ts[-1] == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"steps must be in 1\.\.100, got 101"):
         sampling_timesteps(NoiseSchedule(kind, 100), 101, spacing)
 
 
@@ -244,6 +244,22 @@ def test_guidance_schedules_average_to_the_constant_scale():
         assert sum(values) / len(values) == pytest.approx(3.0, rel=0.02)
     assert guidance_scale_at(3.0, "adaptive", 0.0) < 3.0 < guidance_scale_at(3.0, "adaptive", 1.0)
     assert guidance_scale_at(1.0, "adaptive", 0.9) == 1.0
+    # linear: no guidance at the noisiest step, twice the extra at the last
+    assert [guidance_scale_at(3.0, "linear", p) for p in (0.0, 0.5, 1.0)] == [1.0, 3.0, 5.0]
+
+
+def test_guidance_ramp_follows_the_samplers_steps():
+    sched, seen = NoiseSchedule("cosine", 100), []
+
+    class ScaleSpy(torch.nn.Module):  # the unconditional half outputs 0, the conditional 1: out = w
+        def forward(self, x, t, y):
+            return (y < 2).float().view(-1, 1) * torch.ones_like(x)
+
+    den = make_denoiser(ScaleSpy(), sched, "x0", torch.tensor([0]), null_label=2, guidance_scale=3.0,
+                        guidance_schedule="linear", steps=4)
+    for t in (90, 60, 30, 0):
+        seen.append(float(den(torch.zeros(1, 1), torch.tensor([t]))[0]))
+    assert seen == pytest.approx([1.0, 7 / 3, 11 / 3, 5.0])
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

@@ -210,6 +210,10 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifie
                 "classifier_fd", "classifier_kid", "memorization", "fid", "kid_mean", "diffusion_classifier"):
         assert key in result, key
     assert result["num_samples"] == 16 and result["steps"] == 5
+    per_class = result["sample_accuracy_per_class"]  # 8 samples of each class were drawn and scored
+    assert len(per_class) == 2 and all(0 <= a <= 1 for a in per_class)
+    assert result["sample_accuracy"] == pytest.approx(sum(per_class) / 2)
+    assert result["classifier_fd_real_floor"] > 0  # held-out against training images: never the same set
     assert os.path.isfile(os.path.join(latent_run, "memorization_closest_pairs.png"))
     assert generate.main(["--classify", "--results_dir", latent_run, "--num_samples", "4", "--device", "cpu"]) == 0
     assert 1 <= json.load(open(os.path.join(latent_run, "classify.json")))["images"] <= 4  # the fixture holds few
@@ -328,3 +332,37 @@ def test_reconstruction_rows_are_named_by_their_own_class(monkeypatch, tmp_path)
     assert [name.split("\n")[0] for name in drawn["names"][0::2]] == ["a", "b", "c"]
     assert [len(r) for r in reals] == [3, 8, 5]
     assert all((row == 100 * c).all() for c, row in enumerate(reals))
+
+
+def test_evaluation_during_training_picks_the_best_checkpoint_by_its_sample_fd(latent_run, real_classifier,
+                                                                                cifar10_root, tmp_path):
+    """--eval_every: the offline sample metrics are logged, and _best.pt is the epoch whose samples
+    came closest to the held-out images (not the one with the lowest held-out loss)."""
+    import shutil
+
+    from training.run import Run
+    run = str(tmp_path / "evaluated")
+    os.makedirs(run)
+    for name in ("vae_gan_best.pt", "vae_gan_last.pt"):
+        shutil.copy(os.path.join(latent_run, name), run)
+    assert main.main(["--train_diffusion", "--dataset", "cifar10_catdog", "--data_root", str(cifar10_root),
+                      "--epochs", "3", "--eval_every", "1", "--eval_samples", "4", "--classifier_path",
+                      real_classifier, "--results_dir", run] + TINY) == 0
+    rows = [r for r in Run(run).read_metrics() if r["stage"] == "conditional_diffusion"]
+    fd = {int(r["epoch"]): float(r["value"]) for r in rows if r["name"] == "classifier_fd_heldout"}
+    assert sorted(fd) == [1, 2, 3] and {r["name"] for r in rows} >= {"sample_accuracy", "classifier_kid"}
+    best = load_checkpoint(os.path.join(run, "conditional_diffusion_best.pt"))
+    assert best["best_metric"] == "classifier_fd_heldout"
+    assert best["epoch"] == min(fd, key=fd.get) and best["best"] == pytest.approx(min(fd.values()), rel=1e-4)
+
+
+def test_decoding_undoes_the_latent_standardization(latent_run, cifar10_root):
+    from data import load_dataset, to_float
+    from pipeline import load_pipeline
+    pipe = load_pipeline(latent_run, device=torch.device("cpu"))
+    pipe.latent_shift, pipe.latent_scale = pipe.latent_shift + 0.3, pipe.latent_scale * 2.0  # far from 0 and 1
+    images = load_dataset("cifar10_catdog", cifar10_root, "val").images[:4]
+    with torch.no_grad():
+        mean, _ = pipe.vae.encode(to_float(images))
+        direct = pipe.vae.decode(mean).float().clamp(-1, 1)
+    torch.testing.assert_close(pipe.decode(pipe.to_model_space(images)), direct, atol=1e-5, rtol=0)

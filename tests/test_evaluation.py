@@ -26,6 +26,20 @@ def smooth_random_images(n: int, seed: int) -> torch.Tensor:
     return F.interpolate(coarse, size=32, mode="bilinear", align_corners=False).clamp(-1, 1)
 
 
+def test_frechet_distance_matches_its_closed_form_for_diagonal_covariances():
+    from evaluation.metrics import frechet_distance_from_stats
+    mu_a, mu_b = np.array([0.0, 1.0, 2.0]), np.array([1.0, -1.0, 2.0])
+    var_a, var_b = np.array([1.0, 4.0, 0.25]), np.array([4.0, 1.0, 0.25])
+    expected = ((mu_a - mu_b) ** 2).sum() + ((np.sqrt(var_a) - np.sqrt(var_b)) ** 2).sum()  # 5 + 2
+    assert frechet_distance_from_stats(mu_a, np.diag(var_a), mu_b, np.diag(var_b)) == pytest.approx(expected)
+
+
+def test_balanced_labels_deal_the_classes_out_evenly():
+    from evaluation.evaluate import balanced_labels
+    assert balanced_labels(7, 3).bincount().tolist() == [3, 2, 2]
+    assert balanced_labels(2000, 2).bincount().tolist() == [1000, 1000]
+
+
 def test_frechet_distance_zero_for_same_set_and_grows_with_degradation():
     torch.manual_seed(0)
     features = ImageClassifier(num_classes=2, width=8).eval().features

@@ -202,7 +202,7 @@ def test_ema_averages_parameters_and_float_buffers_and_copies_counters():
 
     torch.manual_seed(0)
     model = WithBuffers()
-    ema, decay = make_ema(model, 0.9), 0.9
+    ema, decay = make_ema(model, 0.5), 0.5  # the warm-up's decay passes 0.5 at n = 8: the cap is tested too
     expected = None
     for n in range(30):
         with torch.no_grad():
@@ -285,7 +285,8 @@ def test_fp16_trains_every_stage_with_loss_scaling(tmp_path, image_folder_root):
     denoiser = load_checkpoint(str(tmp_path / "conditional_diffusion_last.pt"))["stage"]
     classifier = load_checkpoint(str(tmp_path / "classifier_last.pt"))["stage"]
     for scaler in (vae["scaler_g"], vae["scaler_d"], denoiser["scaler"], classifier["scaler"]):
-        assert scaler["scale"] > 0
+        # Used: steps without overflow count towards its growth, an overflow lowers its scale.
+        assert scaler["_growth_tracker"] > 0 or 0 < scaler["scale"] < 2.0 ** 16
 
 
 def test_fp16_overflow_is_the_scalers_to_handle_and_a_nan_loss_is_a_bad_step():
@@ -304,3 +305,100 @@ def test_fp16_overflow_is_the_scalers_to_handle_and_a_nan_loss_is_a_bad_step():
     low = torch.amp.GradScaler("cpu", init_scale=1.0)  # a scale already down to 1: overflows are bad steps now
     q = torch.nn.Parameter(torch.ones(3))
     assert grads_finite_step((q * 1e38).sum() * 10, [q], torch.optim.SGD([q], lr=0.1), 0, low) is False
+
+
+# --- what the denoiser stage takes from its config -----------------------------------------------
+
+def tiny_denoiser_stage(**overrides):
+    import argparse
+    import dataclasses
+
+    from config import build_config
+    from training.denoiser import DenoiserStage
+    cfg = build_config(argparse.Namespace(preset="tiny", model="unet", dataset="folder", image_size=8,
+                                          base_channels=8, device="cpu"))
+    cfg = dataclasses.replace(cfg, **overrides)
+    x, y = torch.rand(2, 3, 8, 8) * 2 - 1, torch.tensor([0, 1])
+    return DenoiserStage(cfg, ["cat", "dog"], (3, 8, 8), torch.device("cpu"), x, y, None)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(prediction="eps", loss_weighting="min_snr", schedule="linear", timesteps=200),
+    dict(prediction="x0", loss_weighting="uniform", schedule="edm", timesteps=50),
+    dict(prediction="v", loss_weighting="min_snr", schedule="cosine", timesteps=1000)])
+def test_the_objective_trained_is_the_configured_one(settings):
+    """A parsed --prediction or --schedule that training ignored would train one target and
+    sample another."""
+    stage = tiny_denoiser_stage(**settings)
+    loss = stage.loss_fn
+    assert (loss.prediction, loss.weighting) == (settings["prediction"], settings["loss_weighting"])
+    assert (loss.schedule.kind, loss.schedule.timesteps) == (settings["schedule"], settings["timesteps"])
+    pipe = stage.pipeline()
+    assert pipe.cfg.prediction == settings["prediction"] and pipe.schedule.kind == settings["schedule"]
+
+
+def test_label_dropout_replaces_labels_by_the_null_label_only():
+    stage = tiny_denoiser_stage(label_dropout=0.5)
+    seen = []
+    network = stage.train_model
+    stage.train_model = lambda x, t, y: seen.append(y.clone()) or network(x, t, y)
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1] * 32)
+    stage.train_step(torch.rand(64, 3, 8, 8) * 2 - 1, labels, 0.0)
+    (y,) = seen
+    dropped = y != labels
+    assert (y[dropped] == 2).all()  # two classes: the null label is 2, never a real class
+    assert 20 <= int(dropped.sum()) <= 44  # about half of 64
+    stage = tiny_denoiser_stage(label_dropout=0.0)
+    network, seen = stage.train_model, []
+    stage.train_model = lambda x, t, y: seen.append(y.clone()) or network(x, t, y)
+    stage.train_step(torch.rand(64, 3, 8, 8) * 2 - 1, labels, 0.0)
+    assert torch.equal(seen[0], labels)
+
+
+class LabelSpy(torch.nn.Module):
+    def __init__(self, network, seen):
+        super().__init__()
+        self.network, self.seen = network, seen
+
+    def forward(self, x, t, y):
+        self.seen.append(y.clone())
+        return self.network(x, t, y)
+
+
+def test_guided_sampling_gives_the_unconditional_half_the_null_label(monkeypatch):
+    import pipeline
+    pipe = tiny_denoiser_stage().pipeline()
+    seen, made = [], []
+    pipe.denoiser = LabelSpy(pipe.denoiser, seen)
+    pipe.sample(torch.tensor([0, 1, 1]), sampler="ddim", steps=3, guidance_scale=3.0, guidance_schedule="constant")
+    assert len(seen) == 3 and all(torch.equal(y, torch.tensor([0, 1, 1, 2, 2, 2])) for y in seen)
+    # The guidance schedule is told the sampler's step count, so a ramp spans the whole run.
+    make = pipeline.make_denoiser
+    monkeypatch.setattr(pipeline, "make_denoiser", lambda *a, **k: made.append(k["steps"]) or make(*a, **k))
+    pipe.sample(torch.tensor([0]), sampler="dpmpp", steps=5, guidance_scale=3.0, guidance_schedule="linear")
+    assert made == [5]
+
+
+def test_learning_rate_warms_up_linearly_then_holds():
+    from training.optim import warmup_schedule
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.4)
+    sched = warmup_schedule(opt, 4)
+    rates = []
+    for _ in range(6):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.4, 0.4])
+
+
+def test_patience_counts_across_a_resume(tmp_path):
+    """Two evaluations without improvement before the stop, one after the resume: patience 3 stops."""
+    losses = [1.0, 0.8, 0.9, 0.95, 0.97, 0.5, 0.4]
+    cfg = Config(patience=3, picture_every=100)
+    fit(StubStage(losses), OneBatch(), cfg, Run(str(tmp_path)), total_epochs=4)
+    state = torch.load(tmp_path / "stub_last.pt", weights_only=True)
+    assert state["epochs_since_best"] == 2
+    stage = StubStage(losses)
+    fit(stage, OneBatch(), cfg, Run(str(tmp_path)), total_epochs=7, resume_state=state)
+    assert stage.validated == 1  # epoch 5 was the third without improvement: stopped there
