@@ -252,7 +252,8 @@ def add_common_args(parser):
     g.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
     g.add_argument("--batch_size", type=int, help="batch size of the stage being run")
     g.add_argument("--subset", type=int,
-                   help="train on N images drawn at random (seeded), each class keeping its share")
+                   help="train on N images drawn at random (the same N images in every run), each class "
+                        "keeping its share")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="named settings on top of the defaults (the measured 20-minute recipe): cpu (bf16 "
                         "autocast), s1 and s4 (the seeds'), tiny (smoke runs)")

@@ -427,8 +427,10 @@ def main():
     if device.type != "cuda":
         notes.append(f"CPU MFU is against a measured {dtype} matmul, not a datasheet peak; oneDNN convolutions "
                      "(which may use Winograd) can beat it, so MFU over 100% is possible")
-    if args.quick and s.ddpm_steps != 1000:
-        notes.append(f"ddpm1000 is extrapolated from {s.ddpm_steps} measured steps (ms per step is measured)")
+    ddpm = next((r["sampling"]["runs"][-1] for r in report["models"].values()), None)
+    if ddpm and ddpm["measured_steps"] != ddpm["steps"]:
+        notes.append(f"ddpm{ddpm['steps']} is extrapolated from {ddpm['measured_steps']} measured steps "
+                     f"(ms per step is measured)")
 
     save()
     print_table(report)

@@ -97,6 +97,7 @@ def train(args, model, batcher, scheduler, device, state_path):
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         ema.load_state_dict(saved["ema"])
+        ema.to(device)  # loaded on the CPU, and EMAModel keeps its averages where they are
         progress.update(saved["progress"])
         set_rng_state(saved["rng"])
     budget, start = 60 * args.minutes, time.time() - progress["elapsed"]

@@ -47,7 +47,8 @@ def check_classifier_data(state, cfg, path):
     saved = state["stage"].get("heldout_digest")  # older classifiers have none
     if saved is not None and saved != split_digest(val.images, val.labels):
         raise UserError(f"the real-data classifier {path} held out other images than this run does (another data "
-                        f"folder, --val_fraction or --flowers_splits): {fix}")
+                        f"folder, --val_fraction or --flowers_splits, or a classifier from before 2026-11-24, whose "
+                        f"fingerprint of them differs): {fix}")
 
 
 def load_real_classifier(cfg, device, path=None):

@@ -28,6 +28,7 @@ def test_benchmark_writes_every_figure_for_each_model(tmp_path):
     assert report["models"]["latent_transformer"]["sample_shape"] == [4, 8, 8]
     assert report["models"]["unet"]["sample_shape"] == [3, 32, 32]
     assert "latent_unet" in result.stdout and "dpmpp20" in result.stdout  # the printed table
+    assert "ddpm100 is extrapolated from 10 measured steps" in " ".join(report["notes"])
 
 
 def test_flop_count_includes_softmax_attention_on_the_cpu():

@@ -145,6 +145,18 @@ def test_subset_is_a_seeded_sample_with_each_class_share(cifar10_root):
     assert len(load_dataset("cifar10", cifar10_root, "val", subset=1)) == 10  # only train is cut
 
 
+def test_split_digest_fingerprints_the_labelled_images_not_their_order():
+    images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    digest = data.split_digest(images, labels)
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    assert data.split_digest(images[order], labels[order]) == digest
+    assert data.split_digest(images, labels.flip(0)) != digest  # the same pictures, other labels
+    changed = images.clone()
+    changed[2, 0, 0, 0] ^= 1
+    assert data.split_digest(changed, labels) != digest and data.split_digest(images[:5], labels[:5]) != digest
+
+
 def test_each_class_holds_out_its_own_share():
     labels = torch.tensor([0] * 30 + [1] * 15 + [2] * 2)
     train, val = data._split_indices(labels, 0.1, seed=0)

@@ -219,14 +219,21 @@ def test_ema_averages_parameters_and_float_buffers_and_copies_counters():
 
 
 def test_optimizer_state_takes_the_fused_flag_of_the_device_it_resumes_on():
+    """A CPU run resumed on a GPU: fused AdamW again, its step counters beside the weights (as fused
+    AdamW needs them). The meta device stands in for the GPU: loading places tensors, steps nothing."""
     from training.optim import load_optimizer_state, make_optimizer
-    params = [torch.nn.Parameter(torch.zeros(2))]
-    saved_on_cpu = make_optimizer(params, 1e-3, device=torch.device("cpu")).state_dict()
-    on_gpu = make_optimizer(params, 1e-3)
-    load_optimizer_state(on_gpu, saved_on_cpu, torch.device("cuda"))  # only sets the flag: no GPU needed
-    assert saved_on_cpu["param_groups"][0]["fused"] is None and on_gpu.param_groups[0]["fused"] is True
-    load_optimizer_state(on_gpu, on_gpu.state_dict(), torch.device("cpu"))
-    assert on_gpu.param_groups[0]["fused"] is None
+    p = torch.nn.Parameter(torch.zeros(2))
+    on_cpu = make_optimizer([p], 1e-3, device=torch.device("cpu"))
+    p.grad = torch.ones(2)
+    on_cpu.step()
+    saved = on_cpu.state_dict()
+    on_gpu = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2, device="meta"))], lr=1e-3)
+    load_optimizer_state(on_gpu, saved, torch.device("cuda"))
+    state = next(iter(on_gpu.state.values()))
+    assert saved["param_groups"][0]["fused"] is None and on_gpu.param_groups[0]["fused"] is True
+    assert state["step"].device.type == "meta" and state["exp_avg"].device.type == "meta"
+    load_optimizer_state(on_cpu, on_cpu.state_dict(), torch.device("cpu"))
+    assert on_cpu.param_groups[0]["fused"] is None and on_cpu.state[p]["step"].device.type == "cpu"
 
 
 def test_compiled_training_step_gives_the_eager_losses():

@@ -17,11 +17,12 @@ def make_optimizer(params, lr, weight_decay=0.0, betas=(0.9, 0.999), device=None
 
 
 def load_optimizer_state(optimizer, state, device):
-    """Restore a saved optimizer on this device: the saved groups carry the saving device's
-    `fused` flag, so a CPU run resumed on a GPU would otherwise step unfused."""
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group["fused"] = _fused(device)
+    """Restore a saved optimizer on this device. The saved groups carry the saving device's `fused`
+    flag, and loading places each step counter by it (beside the weights when fused, on the CPU
+    otherwise): flag them for this device first, or a CPU run resumed on a GPU would step unfused,
+    or fused with its counters on the wrong device."""
+    optimizer.load_state_dict({**state, "param_groups": [{**group, "fused": _fused(device)}
+                                                         for group in state["param_groups"]]})
 
 
 def warmup_schedule(optimizer, warmup_steps, decay=lambda: 1.0):
