@@ -227,6 +227,9 @@ MODEL_RECIPES = {
 }
 
 
+DEVICES = ("auto", "cuda", "mps", "cpu")  # --device everywhere; auto: CUDA, then MPS, then the CPU
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit status 2, as argparse does), and a
     flag must be spelled in full: a prefix (--vae_lr for --vae_lr_schedule) is refused, not guessed."""
@@ -249,7 +252,7 @@ def add_common_args(parser):
     g.add_argument("--results_dir", help="the run's folder (default results/<dataset>_<model>)")
     g.add_argument("--model", choices=DENOISERS, help="denoiser (default latent_unet)")
     g.add_argument("--seed", type=int, help="random seed (same seed, same results)")
-    g.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    g.add_argument("--device", choices=DEVICES, default="auto")
     g.add_argument("--batch_size", type=int, help="batch size of the stage being run")
     g.add_argument("--subset", type=int,
                    help="train on N images drawn at random (the same N images in every run), each class "

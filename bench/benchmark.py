@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from config import DENOISERS, PRESETS, ArgumentParser, build_config  # noqa: E402
+from config import DENOISERS, DEVICES, PRESETS, ArgumentParser, build_config  # noqa: E402
 from training.run import device_name, git_commit  # noqa: E402
 from models import build_denoiser, build_vae  # noqa: E402
 from training import denoiser as denoiser_module  # noqa: E402
@@ -353,7 +353,7 @@ def fmt(value, spec):
 
 def main():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--out", help="JSON file (default bench/results/<device>-<date>.json)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and, on CPU, smaller batches; DDPM-1000 "
                                                          "extrapolated from 10 steps (CPU) or 100 (GPU)")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import ArgumentParser, Config, validate  # noqa: E402
+from config import DEVICES, ArgumentParser, Config, validate  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import load_dataset, to_uint8  # noqa: E402
 from data.batcher import DeviceBatcher  # noqa: E402
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=2000)
     p.add_argument("--classifier_path", help="real-data classifier (default: the suite's usual place)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--segment_minutes", type=float,
                    help="stop training after this many minutes of this command, saving its state for --resume")
     p.add_argument("--resume", action="store_true", help="go on training from <out>/train_state.pt")

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import AMP_MODES, ArgumentParser  # noqa: E402
+from config import AMP_MODES, DEVICES, ArgumentParser  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
 from diffusion.guidance import GUIDANCE_SCHEDULES  # noqa: E402
@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier_path")
-    p.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
     p.add_argument("--amp", choices=AMP_MODES, help="sampling precision (default: the run's)")
     p.add_argument("--out", help="JSON file (default <results_dir>/sampling_sweep.json)")

@@ -344,25 +344,6 @@ def test_the_objective_trained_is_the_configured_one(settings):
     assert pipe.cfg.prediction == settings["prediction"] and pipe.schedule.kind == settings["schedule"]
 
 
-def test_label_dropout_replaces_labels_by_the_null_label_only():
-    stage = tiny_denoiser_stage(label_dropout=0.5)
-    seen = []
-    network = stage.train_model
-    stage.train_model = lambda x, t, y: seen.append(y.clone()) or network(x, t, y)
-    torch.manual_seed(0)
-    labels = torch.tensor([0, 1] * 32)
-    stage.train_step(torch.rand(64, 3, 8, 8) * 2 - 1, labels, 0.0)
-    (y,) = seen
-    dropped = y != labels
-    assert (y[dropped] == 2).all()  # two classes: the null label is 2, never a real class
-    assert 20 <= int(dropped.sum()) <= 44  # about half of 64
-    stage = tiny_denoiser_stage(label_dropout=0.0)
-    network, seen = stage.train_model, []
-    stage.train_model = lambda x, t, y: seen.append(y.clone()) or network(x, t, y)
-    stage.train_step(torch.rand(64, 3, 8, 8) * 2 - 1, labels, 0.0)
-    assert torch.equal(seen[0], labels)
-
-
 class LabelSpy(torch.nn.Module):
     def __init__(self, network, seen):
         super().__init__()
@@ -371,6 +352,23 @@ class LabelSpy(torch.nn.Module):
     def forward(self, x, t, y):
         self.seen.append(y.clone())
         return self.network(x, t, y)
+
+
+def test_label_dropout_replaces_labels_by_the_null_label_only():
+    stage = tiny_denoiser_stage(label_dropout=0.5)
+    seen = []
+    stage.train_model = LabelSpy(stage.train_model, seen)
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1] * 32)
+    stage.train_step(torch.rand(64, 3, 8, 8) * 2 - 1, labels, 0.0)
+    (y,) = seen
+    dropped = y != labels
+    assert (y[dropped] == 2).all()  # two classes: the null label is 2, never a real class
+    assert 20 <= int(dropped.sum()) <= 44  # about half of 64
+    stage, seen = tiny_denoiser_stage(label_dropout=0.0), []
+    stage.train_model = LabelSpy(stage.train_model, seen)
+    stage.train_step(torch.rand(64, 3, 8, 8) * 2 - 1, labels, 0.0)
+    assert torch.equal(seen[0], labels)
 
 
 def test_guided_sampling_gives_the_unconditional_half_the_null_label(monkeypatch):
