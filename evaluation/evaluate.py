@@ -131,10 +131,12 @@ def inception_metrics(cfg, images_uint8, weights_path, device, cache_dir):
     from evaluation.inception import fid_kid, load_fid_inception, reference_stats
     inception = load_fid_inception(weights_path, device)
     features = lambda imgs: extract_features(inception, imgs, batch_size=100, device=device)  # noqa: E731
-    # Everything that decides which images the training split holds: the split options too.
-    key = (f"{cfg.dataset}-{os.path.abspath(cfg.data_root or 'default')}-{cfg.image_size}-train-"
-           f"{cfg.flowers_splits}-{cfg.attribute}-val{cfg.val_fraction}-inception2048-{inception.weights_digest}")
-    mu, sigma, real_feats = reference_stats(key, cache_dir, lambda: features(real_split(cfg, "train")[0]))
+    # Keyed by the training images themselves (not their path or split options), so data that
+    # changed in place, or another split of it, never reuses stale statistics.
+    train_images, train_labels = real_split(cfg, "train")
+    key = (f"{cfg.dataset}-{cfg.image_size}-train{split_digest(train_images, train_labels)}-"
+           f"inception2048-{inception.weights_digest}")
+    mu, sigma, real_feats = reference_stats(key, cache_dir, lambda: features(train_images))
     return fid_kid(real_feats, features(images_uint8), real_stats=(mu, sigma))
 
 

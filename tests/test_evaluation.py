@@ -267,3 +267,35 @@ def test_diffusion_classify_with_oracle_eps_is_near_perfect():
     assert errors.shape == (60, num_classes)
     assert (predictions == labels).float().mean() > 0.95
     assert torch.equal(predictions, diffusion_classify(oracle_eps, x0, num_classes, alphas_cumprod, batch_size=7))
+
+
+def test_inception_reference_stats_follow_the_training_images_not_their_path(tmp_path, monkeypatch):
+    """The FID cache is keyed by the images themselves: data rewritten in place at the same path
+    must be scored against new statistics, and an unchanged dataset reuses its cache."""
+    import data
+    from config import Config
+    from evaluation.evaluate import inception_metrics
+    from fixtures import make_image_folder
+
+    class MeanColour(torch.nn.Module):  # a cheap stand-in for Inception, with a fixed weights digest
+        weights_digest = "fixed"
+
+        def forward(self, x):
+            return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
+
+    monkeypatch.setattr(inception, "load_fid_inception", lambda path, device: MeanColour())
+    root = make_image_folder(tmp_path / "data", n_train=10, with_test=False)
+    cfg = Config(dataset="folder", data_root=str(root), image_size=32, val_fraction=0.2)
+    samples = torch.full((6, 3, 32, 32), 128, dtype=torch.uint8)
+    cache = tmp_path / "cache"
+
+    def score():
+        data.clear_cache()
+        return inception_metrics(cfg, samples, None, "cpu", cache)["fid"]
+
+    before = score()
+    assert score() == before and len(list(cache.iterdir())) == 1  # unchanged data: the cache serves
+    for png in root.rglob("*.png"):  # the same files, new contents
+        Image.fromarray(255 - np.asarray(Image.open(png))).save(png)
+    after = score()
+    assert after != pytest.approx(before) and len(list(cache.iterdir())) == 2
