@@ -134,6 +134,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, d):
+        if not isinstance(d, dict):
+            raise ValueError(f"a config is a mapping of options, not {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
         return cls(**known)
@@ -367,17 +369,20 @@ def validate(cfg):
         (cfg.guidance_interval is None or 0 <= cfg.guidance_interval[0] < cfg.guidance_interval[1] < math.inf,
          f"--guidance_interval LO HI needs 0 <= LO < HI and HI finite, got {_plain(cfg.guidance_interval)}"),
         (cfg.batch_size > 0 and cfg.vae_batch_size > 0, "--batch_size must be positive"),
-        (all(math.isfinite(v) and v > 0 for v in (cfg.lr, cfg.vae_lr, cfg.classifier_lr)),
-         "--lr must be a positive number"),
+        (all(0 < v <= 1 for v in (cfg.lr, cfg.vae_lr, cfg.classifier_lr)), "--lr must be in (0, 1]"),
+        (0 <= cfg.seed < 2 ** 63, f"--seed must be in [0, 2**63), got {cfg.seed}"),
+        (cfg.results_dir != "", "--results_dir must not be empty"),
         (min(cfg.log_every, cfg.picture_every, cfg.checkpoint_every, cfg.max_bad_steps) >= 1,
          "--log_every, --picture_every and --checkpoint_every must be at least 1"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
-        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0, "--weight_decay and --grad_clip must not be negative"),
+        (all(0 <= v < math.inf for v in (cfg.weight_decay, cfg.grad_clip)),
+         "--weight_decay and --grad_clip must be finite and not negative"),
         (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
         (cfg.warmup_steps >= 0, f"--warmup_steps must not be negative, got {cfg.warmup_steps}"),
         (cfg.eval_every >= 0, f"--eval_every must not be negative (0: off), got {cfg.eval_every}"),
-        (min(cfg.kl_weight, cfg.perceptual_weight, cfg.classifier_weight, cfg.center_weight, cfg.repulsion_weight,
-             cfg.adv_weight) >= 0, "loss weights must not be negative"),
+        (all(0 <= w < math.inf for w in (cfg.kl_weight, cfg.perceptual_weight, cfg.classifier_weight,
+                                         cfg.center_weight, cfg.repulsion_weight, cfg.adv_weight)),
+         "loss weights must be finite and not negative"),
         (all(m is None or m >= 0 for m in (cfg.vae_minutes, cfg.diffusion_minutes)),
          "--minutes, --vae_minutes and --diffusion_minutes must be positive (0: no budget)"),
         (cfg.vae_grad_clip >= 0, "--vae_grad_clip must not be negative (0: off)"),
@@ -390,8 +395,9 @@ def validate(cfg):
         (0 <= cfg.label_dropout < 1, "--label_dropout must be in [0, 1)"),
         (cfg.patience >= 0, f"--patience must not be negative, got {cfg.patience}"),
         (min(cfg.base_channels, cfg.vae_base_channels, cfg.disc_channels, cfg.latent_channels,
-             cfg.transformer_width, cfg.num_heads, cfg.transformer_heads) > 0,
-         "widths and head counts must be positive"),
+             cfg.transformer_width, cfg.transformer_depth, cfg.transformer_decoder_channels, cfg.classifier_width,
+             cfg.num_heads, cfg.transformer_heads) > 0,
+         "widths, depths and head counts must be positive"),
         # A zero head count fails the check above; the guards below keep it from dividing by zero.
         (cfg.model in TRANSFORMER_DENOISERS or not cfg.attention_resolutions or cfg.num_heads <= 0
          or cfg.base_channels % cfg.num_heads == 0,

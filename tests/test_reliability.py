@@ -581,3 +581,106 @@ def test_checkpoint_of_another_model_or_dataset_is_refused_by_name(data, referen
     (copy / "config.json").write_text(json.dumps(config))
     assert run_main(main.main, ["--train_diffusion", "--resume", "--results_dir", str(copy), "--epochs", "3"]) == 0
     assert load(copy / LAST)["config"]["base_channels"] == 16 and load(copy / LAST)["epoch"] == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing saved is lost to a broken run or a mistaken command
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("broken", ["metric", "weights"])
+def test_a_model_gone_non_finite_is_not_saved_over_the_last_good_one(data, tmp_path, monkeypatch, capsys, broken):
+    """A too-high lr can leave weights huge but finite steps taken, the held-out loss NaN: from
+    the first epoch that ends so, nothing is saved and the run stops naming the last good file."""
+    from errors import EXIT_NON_FINITE
+    from training.denoiser import DenoiserStage
+    real = DenoiserStage.validate
+
+    def validate(self, epoch):
+        row = real(self, epoch)
+        if epoch >= 2:
+            if broken == "metric":
+                row["val_loss"] = float("nan")
+            else:
+                next(self.model.parameters()).data.fill_(float("inf"))
+        return row
+
+    monkeypatch.setattr(DenoiserStage, "validate", validate)
+    run_dir = tmp_path / "blown_up"
+    assert train_in_process(run_args(data, run_dir, 4)) == EXIT_NON_FINITE
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no longer finite after epoch 2" in line and str(run_dir / LAST) in line, line
+    for name in (LAST, f"{STAGE}_best.pt"):
+        state = load(run_dir / name)
+        assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["stage"]["model"].values())
+
+
+def test_a_stage_never_starts_over_the_files_of_an_earlier_run(data, reference, tmp_path, capsys):
+    """Its _last.pt gone, a run's _best.pt and _final.pt must not be overwritten by a fresh start,
+    nor by a --resume of that stage (--train_all --resume reaches it with another stage's file there)."""
+    import main
+    from errors import UserError
+    from training import runner
+    from training.denoiser import DenoiserStage
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / LAST).unlink()
+    before = _snapshot(run_dir)
+    argv = run_args(data, run_dir, 1)
+    assert train_in_process(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{STAGE}_best.pt, {FINAL} but no {LAST} to continue" in line and "would overwrite" in line, line
+    assert _snapshot(run_dir) == before
+    cfg = main.build_config(main.stage_overrides(main.parse_args(argv)))
+    with pytest.raises(UserError, match=f"but no {LAST} to resume"):
+        runner.resume_state_for(cfg, DenoiserStage, resume=True)
+
+
+def test_a_folder_holding_another_kind_of_run_is_refused(data, reference, tmp_path, capsys):
+    """A VAE trained into a pixel UNet's folder (its checkpoints moved away) would leave a config.json
+    that describes neither run."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    for checkpoint in run_dir.glob("*.pt"):
+        checkpoint.unlink()
+    before = _snapshot(run_dir)
+    argv = [a if a != "--train_diffusion" else "--train_vae" for a in run_args(data, run_dir, 1)]
+    assert train_in_process([*argv, "--model", "latent_unet"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds a run of --model unet" in line and "not --model latent_unet" in line, line
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("damage", ["nul_tail", "bad_header", "text_value"])
+def test_a_damaged_metrics_file_is_refused_before_resuming(data, reference, tmp_path, capsys, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    metrics = run_dir / "metrics.csv"
+    text = metrics.read_text()
+    metrics.write_text({"nul_tail": text + "\0" * 64, "bad_header": "a,b\n" + text.split("\n", 1)[1],
+                        "text_value": text + "conditional_diffusion,2,6,loss,lots\n"}[damage])
+    before = _snapshot(run_dir)
+    assert train_in_process(run_args(data, run_dir, 3, "--resume")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "metrics.csv is not a readable metrics file" in lines[-1], lines[-1]
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("stage_checkpoint", [True, False], ids=["resume", "stage_without_checkpoint"])
+def test_a_config_edited_into_nonsense_is_one_error_line(data, reference, tmp_path, capsys, stage_checkpoint):
+    """A resumed stage takes its config from its checkpoint, then checks the folder's config.json;
+    a stage with no checkpoint yet reads config.json (--train_all --resume of a latent run whose
+    VAE stage has no _last.pt left)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    (run_dir / "config.json").write_text(json.dumps({"model": 5, "base_channels": "x"}))
+    if not stage_checkpoint:
+        (run_dir / LAST).rename(run_dir / "vae_gan_last.pt")  # the config.json path of the diffusion stage
+    action = "--train_diffusion" if stage_checkpoint else "--train_all"
+    assert train_in_process([action, "--resume", "--results_dir", run_dir]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    expected = "is not a valid run config" if stage_checkpoint else "--resume: cannot read the run's config in"
+    assert line.startswith("error: ") and expected in line and "config.json" in line, line

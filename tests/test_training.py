@@ -274,7 +274,7 @@ def test_auto_precision_is_bf16_only_on_cpus_that_have_it(monkeypatch):
     assert optim.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
-def test_fp16_trains_every_stage_with_loss_scaling(tmp_path, image_folder_root):
+def test_fp16_trains_every_stage_with_loss_scaling(tmp_path, image_folder_root, capsys):
     """--amp fp16 (and auto on GPUs without native bf16): each stage scales its losses with a
     GradScaler per optimizer and saves the scalers for resume; bf16 and float32 need none."""
     import main
@@ -288,6 +288,7 @@ def test_fp16_trains_every_stage_with_loss_scaling(tmp_path, image_folder_root):
              "--device", "cpu", "--adv_start_epoch", "0", "--results_dir", str(tmp_path)]
     assert main.main(["--train_all", *flags, "--vae_epochs", "1", "--diffusion_epochs", "1"]) == 0
     assert main.main(["--train_classifier", *flags, "--epochs", "1"]) == 0
+    assert "note: --amp fp16 on a CPU is emulated" in capsys.readouterr().err  # it works, slowly
     vae = load_checkpoint(str(tmp_path / "vae_gan_last.pt"))["stage"]
     denoiser = load_checkpoint(str(tmp_path / "conditional_diffusion_last.pt"))["stage"]
     classifier = load_checkpoint(str(tmp_path / "classifier_last.pt"))["stage"]
@@ -407,3 +408,25 @@ def test_patience_counts_across_a_resume(tmp_path):
     stage = StubStage(losses)
     fit(stage, OneBatch(), cfg, Run(str(tmp_path)), total_epochs=7, resume_state=state)
     assert stage.validated == 1  # epoch 5 was the third without improvement: stopped there
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("seed", 10 ** 20, "--seed must be in"),
+    ("seed", -1, "--seed must be in"),
+    ("lr", 1e39, "--lr must be in (0, 1]"),  # finite in Python, infinite in float32
+    ("vae_lr", float("nan"), "--lr must be in (0, 1]"),
+    ("classifier_weight", float("nan"), "loss weights must be finite"),
+    ("kl_weight", float("inf"), "loss weights must be finite"),
+    ("weight_decay", float("inf"), "--weight_decay and --grad_clip must be finite"),
+    ("classifier_width", 0, "widths, depths and head counts must be positive"),
+    ("transformer_depth", 0, "widths, depths and head counts must be positive"),
+    ("results_dir", "", "--results_dir must not be empty"),
+])
+def test_values_no_run_can_use_are_refused_by_the_config(field, value, message):
+    import argparse
+
+    from config import build_config
+    from errors import UserError
+    with pytest.raises(UserError) as error:
+        build_config(argparse.Namespace(preset="tiny", model="unet", dataset="folder", **{field: value}))
+    assert message in str(error.value)

@@ -39,6 +39,7 @@ def build_classifier(cfg, num_classes):
 class ClassifierStage:
     kind = "classifier"
     last_name, best_name = "classifier_last.pt", CLASSIFIER_FILE
+    saved_names = (best_name,)
     best_metric = ("val_accuracy", "max")
 
     def __init__(self, cfg, class_names, device, val_set, steps_total, run):

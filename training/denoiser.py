@@ -24,6 +24,8 @@ class DenoiserStage:
     kind = "conditional_diffusion"
     early_stopping = True  # the S4 seed's: stop when the held-out metric stops improving
     last_name, best_name = "conditional_diffusion_last.pt", "conditional_diffusion_best.pt"
+    final_name = "conditional_diffusion_final.pt"
+    saved_names = (best_name, final_name)  # what a finished or interrupted run leaves beside _last.pt
 
     def __init__(self, cfg, class_names, sample_shape, device, val_x, val_y, run, vae=None,
                  latent_shift=None, latent_scale=None):

@@ -65,6 +65,17 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def all_finite(state):
+    """Whether every floating-point tensor in a (nested) state dict is finite."""
+    if isinstance(state, torch.Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(all_finite(v) for v in state)
+    return True
+
+
 class _SignalCatcher:
     """SIGINT/SIGTERM set a flag; the loop saves at the next step boundary and stops."""
 
@@ -130,6 +141,10 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
             state.update(epoch_sums={k: float(v) for k, v in (sums or {}).items()}, epoch_count=count)
         save_checkpoint(state, run.path(name))
 
+    def last_good():
+        last = run.path(stage.last_name)
+        return f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was saved yet"
+
     run.save_config(cfg)  # only now: a run refused before this point leaves an earlier config.json alone
 
     budget = 60.0 * max_minutes if max_minutes else None  # None or 0: no budget
@@ -154,12 +169,9 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
                     # 1-based like the epochs: this is step number step + 1, done after any checkpoint at `step`
                     run.log(stage.kind, epoch + 1, step + 1, {"skipped_step": 1.0})
                     if bad_in_a_row >= cfg.max_bad_steps:
-                        last = run.path(stage.last_name)
-                        kept = (f"the last good checkpoint is {last}" if os.path.isfile(last)
-                                else "no checkpoint was saved yet")
                         bar.close()  # or the error line would continue the progress bar's line
                         raise NonFiniteError(f"{bad_in_a_row} non-finite steps in a row at epoch {epoch + 1}; "
-                                             f"stopped, {kept} (try a lower --lr)")
+                                             f"stopped, {last_good()} (try a lower --lr)")
                 else:
                     bad_in_a_row = 0
                     for k, v in losses.items():
@@ -191,6 +203,11 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
                 summary = " ".join(f"{k}={v:.4g}" for k, v in row.items())
                 tqdm.write(f"[{stage.kind}] epoch {epoch}/{total_epochs} {summary}")
             value = row.get(metric_name)
+            # Weights blown up by a too-high lr can still take finite steps: never save them over a good checkpoint.
+            if (value is not None and not np.isfinite(value)) or not all_finite(stage.state_dict()):
+                raise NonFiniteError(f"the {stage.kind} model is no longer finite after epoch {epoch} "
+                                     f"({metric_name} {value}); stopped without saving it, {last_good()} "
+                                     f"(try a lower --lr)")
             if value is not None:
                 if best is None or (value < best if mode == "min" else value > best):
                     best, since_best = value, 0

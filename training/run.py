@@ -67,11 +67,29 @@ class Run:
         os.replace(tmp, self.path("metrics.csv"))
 
     def read_metrics(self):
+        """metrics.csv's rows as dicts of strings, each checked to parse (a file cut short by a
+        crash or edited by hand gives one error line naming where, not a traceback later)."""
         path = self.path("metrics.csv")
         if not os.path.exists(path):
             return []
-        with open(path) as f:
-            return list(csv.DictReader(f))
+        try:
+            with open(path, newline="") as f:
+                reader = csv.reader(f)
+                if next(reader, METRICS_COLUMNS) != METRICS_COLUMNS:
+                    raise ValueError(f"its header is not {','.join(METRICS_COLUMNS)}")
+                rows = []
+                for row in reader:
+                    try:
+                        if len(row) != len(METRICS_COLUMNS):
+                            raise ValueError
+                        int(row[1]), int(row[2]), float(row[4])  # noqa: B018 -- parse or fail here
+                    except (IndexError, ValueError):
+                        raise ValueError(f"line {reader.line_num} is not stage,epoch,step,name,value: "
+                                         f"{','.join(row)[:60]!r}") from None
+                    rows.append(dict(zip(METRICS_COLUMNS, row)))
+                return rows
+        except (OSError, csv.Error, ValueError) as e:
+            raise UserError(f"{path} is not a readable metrics file ({e}); repair it or move it away") from None
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from config import Config, build_config
+from config import Config, build_config, validate
 from data import load_dataset
 from data.batcher import DeviceBatcher
 from errors import UserError
@@ -41,7 +41,33 @@ def resume_state_for(cfg, stage_cls, resume, checkpoint_path=None):
     if not resume and os.path.isfile(path):
         raise UserError(f"{cfg.results_dir} already holds {stage_cls.last_name}; pass --resume to continue "
                         f"it, or choose another --results_dir")
+    # A fresh start of this stage would overwrite what an earlier run of it left (its _last.pt gone).
+    left = [name for name in stage_cls.saved_names if os.path.isfile(os.path.join(cfg.results_dir, name))]
+    if left:
+        raise UserError(f"{cfg.results_dir} holds {', '.join(left)} but no {stage_cls.last_name} to "
+                        f"{'resume' if resume else 'continue'}: a fresh start would overwrite them; move them "
+                        f"away or choose another --results_dir")
     return None
+
+
+def check_folder_holds_this_run(cfg):
+    """A stage starting in a folder must not mix into another run's: config.json there must name
+    the same data and image size, and the same kind of model (a latent denoiser may follow a VAE
+    trained under another latent --model: they share it)."""
+    path = os.path.join(cfg.results_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            theirs = validate(Config.from_dict(json.load(f)))
+    except (OSError, ValueError, TypeError, AttributeError, UserError) as e:
+        raise UserError(f"{path} is not a valid run config ({e}); move it away or choose another "
+                        f"--results_dir") from None
+    size_differs = None not in (theirs.image_size, cfg.image_size) and theirs.image_size != cfg.image_size
+    if (theirs.dataset, theirs.is_latent) != (cfg.dataset, cfg.is_latent) or size_differs:
+        raise UserError(f"{cfg.results_dir} holds a run of --model {theirs.model} on --dataset {theirs.dataset} at "
+                        f"--image_size {theirs.image_size}, not --model {cfg.model} on {cfg.dataset} at "
+                        f"{cfg.image_size}: choose another --results_dir")
 
 
 def _own_rng_stream(state, cfg):
@@ -59,7 +85,10 @@ def config_for_resume(args, checkpoint_path, default_results_dir=None, with_kind
     With --total_epochs, the stage's epoch count becomes that target (so config.json says it).
     with_kind: also return the checkpoint's kind (the stage it continues)."""
     state = load_checkpoint(checkpoint_path)
-    cfg = build_config(args, base=Config.from_dict(state["config"]))
+    try:
+        cfg = build_config(args, base=Config.from_dict(state["config"]))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot read the config inside {checkpoint_path}: {e}") from None
     if args.results_dir is None:
         cfg.results_dir = default_results_dir or os.path.dirname(os.path.abspath(checkpoint_path))
     field = {"vae_gan": "vae_epochs", "conditional_diffusion": "diffusion_epochs"}.get(state["kind"])
@@ -79,21 +108,25 @@ def config_for_saved_run(args, stages, stage=None):
         raise UserError(f"--resume: nothing to resume in {folder} (no {' or '.join(stages)})")
     path = os.path.join(folder, "config.json")
     own = first_file(folder, [stage] if stage else stages)
-    if own is not None:
-        saved = Config.from_dict(load_checkpoint(own)["config"])
-    else:
-        try:
+    source = own or path
+    try:
+        if own is not None:
+            saved = Config.from_dict(load_checkpoint(own)["config"])
+        else:
             with open(path) as f:
                 saved = Config.from_dict(json.load(f))
-        except (OSError, ValueError) as e:
-            raise UserError(f"--resume: cannot read the run's config {path}: {e}") from None
-    cfg = build_config(args, base=saved)
+        cfg = build_config(args, base=saved)
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # a config edited into nonsense
+        raise UserError(f"--resume: cannot read the run's config in {source}: {e}") from None
     cfg.results_dir = folder
     return cfg
 
 
 def _start(cfg):
     device = select_device(cfg.device)
+    if device.type == "cpu" and cfg.amp == "fp16" and dist.is_main():
+        print("note: --amp fp16 on a CPU is emulated, often many times slower than --amp bf16 or none",
+              file=sys.stderr)
     dist.setup(device)
     seed_everything(cfg.seed + dist.rank())
     run = Run(cfg.results_dir)  # config.json is written by fit(), once every check has passed
@@ -104,6 +137,7 @@ def train_vae(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     from training.vae_gan import VAEGANStage
     device, run = _start(cfg)
     state = resume_state_for(cfg, VAEGANStage, resume, checkpoint_path)
+    check_folder_holds_this_run(cfg)
     train, val = load_splits(cfg)
     stage = VAEGANStage(cfg, len(train.class_names), cfg.image_size, device, val, run, train.class_names)
     batcher = DeviceBatcher(train.images, train.labels, dist.per_rank_batch_size(cfg.vae_batch_size), device,
@@ -151,6 +185,7 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     from training.denoiser import DenoiserStage
     device, run = _start(cfg)
     state = resume_state_for(cfg, DenoiserStage, resume, checkpoint_path)
+    check_folder_holds_this_run(cfg)
     train, val = load_splits(cfg)
     per_rank = dist.per_rank_batch_size(cfg.batch_size)
     if cfg.is_latent:
@@ -168,6 +203,6 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
                               val.labels, run)
     fit(stage, batcher, cfg, run, total_epochs or cfg.diffusion_epochs, state, max_minutes=cfg.diffusion_minutes)
     if dist.is_main():  # the finished run's sampling checkpoint (full state, EMA inside)
-        copy_checkpoint(run.path(stage.last_name), run.path("conditional_diffusion_final.pt"))
+        copy_checkpoint(run.path(stage.last_name), run.path(stage.final_name))
     dist.barrier()
     return run

@@ -113,6 +113,7 @@ class VAEWithCenters(nn.Module):
 class VAEGANStage:
     kind = "vae_gan"
     last_name, best_name = "vae_gan_last.pt", "vae_gan_best.pt"
+    saved_names = (best_name,)
     best_metric = ("val_psnr", "max")
 
     def __init__(self, cfg, num_classes, image_size, device, val_set, run, class_names):
