@@ -47,10 +47,15 @@ def parse_args(argv=None):
         raise UserError(f"--steps must be positive, got {args.steps}")
     if args.classify_images is not None and args.classify_images < 0:
         raise UserError(f"--classify_images must not be negative, got {args.classify_images}")
+    if args.class_name is not None and not args.class_name.strip():
+        raise UserError("--class_name is empty: give a class name, or 'all' for every class")
     action = ("--evaluate" if args.evaluate else "--classify" if args.classify
               else "--create_animation" if args.create_animation else "sampling")
     policed = set().union(*ACTION_FLAGS.values()) | {"subset", "download"}
     refuse_unused_flags(args, ACTION_FLAGS[action], policed, action)
+    if args.results_dir is not None and args.model_path is not None:  # README: one or the other
+        raise UserError("give --model_path or --results_dir, not both: --model_path samples a checkpoint file "
+                        "instead of a run folder; --output_dir says where the results go")
     if args.results_dir is None and args.model_path is None:  # README's default run folder
         args.results_dir = build_config(args).results_dir
     return args
@@ -58,6 +63,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from pipeline import load_pipeline
+    from training.run import writable_folder
     from training.loop import select_device
     from viz import figures
     args = parse_args(argv)
@@ -66,10 +72,7 @@ def main(argv=None):
     run_dir = args.results_dir or os.path.dirname(os.path.abspath(args.model_path))
     out = args.output_dir or (os.path.join(run_dir, "generated") if not (args.evaluate or args.classify or
                                                                         args.create_animation) else run_dir)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:  # e.g. a path under a regular file
-        raise UserError(f"cannot write to the output folder {out}: {e.strerror}") from None
+    writable_folder(out)  # before any sampling: a read-only run folder fails here, not at the first save
     seed = pipe.cfg.seed if args.seed is None else args.seed
     if args.evaluate:
         from evaluation.evaluate import evaluate_run

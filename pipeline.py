@@ -38,6 +38,8 @@ def encode_images(vae, images_uint8, device, batch_size=256, flip=False):
 
 
 class Pipeline:
+    checkpoint_path = None  # the file a loaded pipeline came from (load_pipeline sets it)
+
     def __init__(self, cfg, denoiser, class_names, device, vae=None, latent_shift=None, latent_scale=None):
         self.cfg, self.denoiser, self.class_names, self.device = cfg, denoiser, list(class_names), device
         self.vae, self.latent_shift, self.latent_scale = vae, latent_shift, latent_scale
@@ -115,7 +117,29 @@ class Pipeline:
         z = run_sampler(sampler, denoise, x_T, self.schedule, steps, generator=noise_generator,
                         callback=callback, eta=eta)
         self.denoiser.train(was_training)
-        return self.decode(z) if decode else z
+        out = self.decode(z) if decode else z
+        if self.checkpoint_path is not None and not bool(torch.isfinite(out).all()):
+            self._refuse_non_finite(sampler, steps, guidance_scale)
+        return out
+
+    def refuse_non_finite_weights(self):
+        """A checkpoint with NaN/inf weights samples black images and meaningless metrics: refuse
+        it by name (load_pipeline does, before any work; a few ms)."""
+        tensors = list(self.denoiser.state_dict().values())
+        if self.vae is not None:
+            tensors += list(self.vae.state_dict().values()) + [self.latent_shift, self.latent_scale]
+        bad = sum(1 for t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        if bad:
+            raise UserError(f"{self.checkpoint_path} holds non-finite weights (NaN or inf in {bad} of its "
+                            f"tensors): its samples would be blank; use another checkpoint of the run")
+
+    def _refuse_non_finite(self, sampler, steps, guidance_scale):
+        """Samples of a loaded checkpoint came out NaN/inf: say whether its weights or the
+        sampling settings are the cause."""
+        self.refuse_non_finite_weights()
+        raise UserError(f"sampling from {self.checkpoint_path} gave non-finite values (NaN or inf) with "
+                        f"--sampler {sampler} --steps {steps} --guidance_scale {guidance_scale} "
+                        f"--amp {self.cfg.amp}: try another sampler, lower guidance or --amp none")
 
     def sample_batched(self, labels, batch_size=256, **kwargs):
         """Many images in batches; batch i uses seed + i so results do not depend on batch size
@@ -125,6 +149,35 @@ class Pipeline:
         out = [self.sample(labels[i:i + batch_size], seed=seed + i, **kwargs).cpu()
                for i in range(0, len(labels), batch_size)]
         return torch.cat(out)
+
+
+def require_parts(stage, names, path, what):
+    """Refuse a checkpoint whose stage lacks any of `names`, naming the file and the parts."""
+    missing = [k for k in names if not isinstance(stage, dict) or k not in stage]
+    if missing:
+        raise UserError(f"{path} is not a complete {what} checkpoint (no {', '.join(missing)} inside)")
+
+
+def load_weights(module, weights, path, part):
+    """module.load_state_dict(weights) for a module built from the checkpoint's own config;
+    weights that do not fit it (a config edited after training, a damaged file) give one line
+    naming the file and the first tensor that differs, not torch's list of every mismatch."""
+    if not isinstance(weights, dict):
+        raise UserError(f"{path} is damaged: its {part} weights are a {type(weights).__name__}, not a state dict")
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        expected = module.state_dict()
+        missing = [k for k in expected if k not in weights]
+        unexpected = [k for k in weights if k not in expected]
+        def shape(t):
+            return list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        wrong = [k for k in expected if k in weights and shape(weights[k]) != shape(expected[k])]
+        detail = (f"{wrong[0]} is {shape(weights[wrong[0]])} in the file, {shape(expected[wrong[0]])} by the config"
+                  if wrong else f"no {missing[0]} in the file" if missing
+                  else f"an unknown tensor {unexpected[0]}" if unexpected else type(e).__name__)
+        raise UserError(f"{path} does not match its own config: its {part} weights do not fit the model its "
+                        f"config and class names describe ({detail})") from None
 
 
 def first_file(folder, names):
@@ -169,28 +222,32 @@ def load_pipeline(results_dir=None, model_path=None, device="cpu", overrides=Non
     if state["kind"] != "conditional_diffusion":
         raise UserError(f"{path} holds a {state['kind']} checkpoint, not a denoiser")
     stage = state.get("stage")
-    needed = ("class_names", "sample_size", "ema" if use_ema else "model")
-    missing = [k for k in needed if not isinstance(stage, dict) or k not in stage]
-    if missing:
-        raise UserError(f"{path} is not a complete denoiser checkpoint (no {', '.join(missing)} inside)")
+    require_parts(stage, ("class_names", "sample_size", "ema" if use_ema else "model"), path, "denoiser")
     cfg = Config.from_dict(state["config"])
+    if cfg.is_latent:
+        require_parts(stage, ("vae", "latent_shift", "latent_scale"), path, "latent denoiser")
     if overrides is not None:
         cfg = build_config(overrides, base=cfg)
     class_names = stage["class_names"]
+    if not isinstance(class_names, (list, tuple)) or not all(isinstance(c, str) and c for c in class_names):
+        raise UserError(f"{path} is damaged: its class_names are not a list of class names")
+    if not class_names:
+        raise UserError(f"{path} is damaged: it names no classes")
     in_channels = cfg.latent_channels if cfg.is_latent else 3
     size = stage["sample_size"]
     denoiser = build_denoiser(cfg, len(class_names), in_channels, size)
     weights = stage["ema"] if use_ema else stage["model"]
-    if use_ema:  # AveragedModel keys: "module.<name>" plus its n_averaged counter
+    if use_ema and isinstance(weights, dict):  # AveragedModel keys: "module.<name>" plus its n_averaged counter
         weights = {k[len("module."):]: v for k, v in weights.items() if k.startswith("module.")}
-    denoiser.load_state_dict(weights)
+    load_weights(denoiser, weights, path, "denoiser")
     denoiser.to(device).eval()
     vae = shift = scale = None
     if cfg.is_latent:
         vae = build_vae(cfg, len(class_names), cfg.image_size)
-        vae.load_state_dict(stage["vae"])
+        load_weights(vae, stage["vae"], path, "VAE")
         vae.to(device).eval()
         shift, scale = stage["latent_shift"].to(device), stage["latent_scale"].to(device)
     pipe = Pipeline(cfg, denoiser, class_names, device, vae, shift, scale)
     pipe.checkpoint_path = path
+    pipe.refuse_non_finite_weights()
     return pipe

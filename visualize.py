@@ -1,4 +1,5 @@
 """Pictures of a trained run by --mode (written into the run's folder)."""
+import math
 import os
 import sys
 
@@ -37,6 +38,11 @@ def parse_args(argv=None):
         raise UserError(f"--steps must be positive, got {args.steps}")
     policed = set().union(*MODE_FLAGS.values()) | {"batch_size", "subset", "download"}
     refuse_unused_flags(args, MODE_FLAGS[args.mode], policed, f"--mode {args.mode}")
+    if args.class_name is not None and not args.class_name.strip():
+        raise UserError("--class_name is empty: give a class name")
+    if args.results_dir is not None and args.model_path is not None:  # README: one or the other
+        raise UserError("give --model_path or --results_dir, not both: with --model_path the pictures go "
+                        "beside the checkpoint file (copy it into the folder they should go to)")
     args.num_samples = args.num_samples or 8
     if args.results_dir is None and args.model_path is None:  # README's default run folder
         args.results_dir = build_config(args).results_dir
@@ -50,6 +56,8 @@ def main(argv=None):
     run_dir = args.results_dir or os.path.dirname(os.path.abspath(args.model_path))
     if not os.path.isdir(run_dir):
         raise UserError(f"results folder {run_dir} does not exist; give --results_dir of a trained run")
+    from training.run import writable_folder
+    writable_folder(run_dir, "results folder")  # every mode writes its picture there: fail before the work
     out = lambda name: os.path.join(run_dir, name)  # noqa: E731
     if args.mode == "loss_curves":
         from training.run import Run
@@ -124,15 +132,21 @@ def _held_out(cfg, limit=None):
 def _centers(pipe):
     """The VAE's learned class centers, in the denoiser's standardized latent space; None (the
     figure goes without) for a checkpoint with no VAE stage beside it."""
-    from pipeline import VAE_FILES, first_file, load_vae_state
+    from pipeline import VAE_FILES, first_file, load_vae_state, require_parts
     folder = os.path.dirname(pipe.checkpoint_path)
     if first_file(folder, VAE_FILES) is None:
         print(f"note: no VAE checkpoint beside {pipe.checkpoint_path}: the figure has no class centers",
               file=sys.stderr)
         return None
-    state, _ = load_vae_state(folder, pipe.cfg)  # refuse another run's VAE
-    centers = state["stage"]["center_loss"]["centers"].to(pipe.device)
-    shape = (len(centers),) + pipe.sample_shape
+    state, path = load_vae_state(folder, pipe.cfg)  # refuse another run's VAE
+    require_parts(state.get("stage"), ("center_loss",), path, "VAE")
+    require_parts(state["stage"]["center_loss"], ("centers",), path, "VAE (center_loss)")
+    centers = state["stage"]["center_loss"]["centers"]
+    shape = (pipe.num_classes,) + pipe.sample_shape
+    if not isinstance(centers, torch.Tensor) or centers.numel() != math.prod(shape):
+        raise UserError(f"{path}: its class centers do not fit the {pipe.num_classes} classes and "
+                        f"{'x'.join(map(str, pipe.sample_shape))} latents of {pipe.checkpoint_path}")
+    centers = centers.to(pipe.device)
     return ((centers.view(shape) - pipe.latent_shift) / pipe.latent_scale).flatten(1).cpu().numpy()
 
 
@@ -141,7 +155,8 @@ def _reconstructions(args, run_dir, out):
     the VAE inside the denoiser checkpoint."""
     from config import Config
     from models import build_vae
-    from pipeline import DENOISER_FILES, VAE_FILES, first_file, load_pipeline, load_vae_state
+    from pipeline import (DENOISER_FILES, VAE_FILES, first_file, load_pipeline, load_vae_state, load_weights,
+                          require_parts)
     from training.loop import select_device
     from viz import figures
     device = select_device(args.device)
@@ -152,11 +167,12 @@ def _reconstructions(args, run_dir, out):
                             f"pixel-space {pipe.cfg.model}")
         cfg, class_names, vae = pipe.cfg, pipe.class_names, pipe.vae
     else:
-        state, _ = load_vae_state(run_dir)
+        state, path = load_vae_state(run_dir)
+        require_parts(state.get("stage"), ("class_names", "vae"), path, "VAE")
         cfg = build_config(args, base=Config.from_dict(state["config"]))  # as the other modes: runtime flags only
         class_names = state["stage"]["class_names"]
         vae = build_vae(cfg, len(class_names), cfg.image_size)
-        vae.load_state_dict(state["stage"]["vae"])
+        load_weights(vae, state["stage"]["vae"], path, "VAE")
         vae.to(device)
     images, labels = _held_out(cfg, limit=2000)
     target = out("reconstructions.png")

@@ -30,7 +30,8 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from config import DENOISERS, DEVICES, PRESETS, ArgumentParser, build_config  # noqa: E402
-from training.run import device_name, git_commit  # noqa: E402
+from errors import run_main  # noqa: E402
+from training.run import device_name, git_commit, writable_output  # noqa: E402
 from models import build_denoiser, build_vae  # noqa: E402
 from training import denoiser as denoiser_module  # noqa: E402
 from training.loop import seed_everything, select_device  # noqa: E402
@@ -351,7 +352,7 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def main():
+def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--out", help="JSON file (default bench/results/<device>-<date>.json)")
@@ -367,10 +368,12 @@ def main():
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="measure each model at this preset's sizes and precision (e.g. cpu: the CPU recipe's "
                         "widths in bf16) instead of its default size")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     if args.train_batch is not None and args.train_batch < 1:
         p.error("--train_batch must be positive")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
@@ -379,6 +382,9 @@ def main():
     unknown = set(requested) - {*DENOISERS, REFERENCE}
     if unknown:
         p.error(f"unknown --models {', '.join(sorted(unknown))}")
+    out = Path(writable_output(args.out or REPO / "bench" / "results" / (
+        f"{device.type}-{datetime.date.today().isoformat()}{'' if args.preset == 'default' else '-' + args.preset}"
+        f"{'-quick' if args.quick else ''}.json")))
     names = [n for n in requested if n != REFERENCE]
     with_reference = REFERENCE in requested
     config_for = lambda name: model_config(name, args.compile, args.preset)  # noqa: E731
@@ -393,10 +399,6 @@ def main():
               "compute_dtype": str(dtype), "peak_source": peak_source,
               "load_average_start": os.getloadavg()[0], "models": {}, "notes": notes}
 
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / (
-        f"{device.type}-{datetime.date.today().isoformat()}{'' if args.preset == 'default' else '-' + args.preset}"
-        f"{'-quick' if args.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     save = lambda: out.write_text(json.dumps(report, indent=2) + "\n")  # noqa: E731
 
     for name in names:
@@ -438,4 +440,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -21,7 +21,7 @@ from diffusion.gaussian import exact_ode_endpoint, gaussian_denoiser  # noqa: E4
 from diffusion.samplers import sample  # noqa: E402
 from diffusion.schedule import SCHEDULES, NoiseSchedule  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from training.run import git_commit  # noqa: E402
+from training.run import git_commit, writable_output  # noqa: E402
 
 MU, STD = 0.5, 0.4  # the data: N(MU, STD^2), one value per sample
 
@@ -62,6 +62,8 @@ def measure(schedule, steps, samples):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.out:
+        writable_output(args.out)
     results = {kind: {steps: measure(NoiseSchedule(kind, args.timesteps), steps, args.samples) for steps in args.steps}
                for kind in args.schedules}
     print(f"{'schedule':<8s} {'steps':>5s}  {'ddim rms':>9s} {'dpmpp rms':>9s} {'dpmpp max':>9s}  "

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import AMP_MODES, DEVICES, ArgumentParser  # noqa: E402
+from config import AMP_MODES, DEVICES, ArgumentParser, build_config  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
 from diffusion.guidance import GUIDANCE_SCHEDULES  # noqa: E402
@@ -26,7 +26,7 @@ from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_class
 from pipeline import load_pipeline  # noqa: E402
 from training.loop import select_device  # noqa: E402
 from training.optim import amp_dtype  # noqa: E402
-from training.run import device_name, git_commit  # noqa: E402
+from training.run import device_name, git_commit, writable_output  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -62,9 +62,15 @@ def sampler_specs(text):
 
 def guidance_scales(text):
     try:
-        return [float(g) for g in text.split(",")]
+        scales = [float(g) for g in text.split(",")]
     except ValueError:
         raise UserError(f"--guidance: {text!r} is not comma-separated numbers") from None
+    for scale in scales:  # the range generate.py's --guidance_scale meets: config.validate's
+        try:
+            build_config(argparse.Namespace(guidance_scale=scale))
+        except UserError as e:
+            raise UserError(f"--guidance {text}: {e}") from None
+    return scales
 
 
 def guidance_schedules(text):
@@ -101,6 +107,12 @@ def main(argv=None):
     device = select_device(args.device)
     pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema,
                          overrides=argparse.Namespace(amp=args.amp))
+    timesteps = pipe.cfg.timesteps
+    too_long = [f"{sampler}:{steps}" for sampler, steps in specs if steps > timesteps]
+    if too_long:
+        raise UserError(f"--samplers {','.join(too_long)}: the run's schedule has {timesteps} steps, so a "
+                        f"sampler takes 1..{timesteps}")
+    out = writable_output(args.out or os.path.join(args.results_dir, "sampling_sweep.json"))
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
                              pipe.num_classes)
     schedules = asked_schedules or [pipe.cfg.guidance_schedule]
@@ -130,7 +142,6 @@ def main(argv=None):
               "compute_dtype": str(amp_dtype(device, pipe.cfg.amp) or torch.float32),
               "device": device_name(device), "commit": git_commit()[0],
               "class_names": pipe.class_names, "rows": rows}
-    out = args.out or os.path.join(args.results_dir, "sampling_sweep.json")
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
     print(out)

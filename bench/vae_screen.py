@@ -7,6 +7,7 @@ run (no discriminator, no checkpoints, no pictures), for ranking settings before
         --res_blocks 0 --lr_decay
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import ArgumentParser  # noqa: E402
-from errors import run_main  # noqa: E402
+from errors import UserError, run_main  # noqa: E402
 from data import load_dataset, to_float  # noqa: E402
 from data.batcher import DeviceBatcher  # noqa: E402
 from models.vae import AttentionVAE  # noqa: E402
@@ -47,7 +48,33 @@ def parse_args(argv=None):
     p.add_argument("--classifier_weight", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.channel_mults = tuple(int(m) for m in args.channel_mults.split(","))
+    except ValueError:
+        raise UserError(f"--channel_mults: {args.channel_mults!r} is not comma-separated integers") from None
+    try:
+        args.betas = tuple(float(b) for b in args.betas.split(","))
+    except ValueError:
+        raise UserError(f"--betas: {args.betas!r} is not two comma-separated numbers") from None
+    checks = [
+        (args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
+        (args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}"),
+        (math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive number, got {args.lr}"),
+        (len(args.betas) == 2 and all(0 <= b < 1 for b in args.betas),
+         f"--betas must be two numbers in [0, 1), got {args.betas}"),
+        (0 < args.seconds < math.inf, f"--seconds must be positive, got {args.seconds}"),
+        (min(args.channel_mults) >= 1 and min(args.base_channels, args.latent_channels) >= 1,
+         "--channel_mults, --base_channels and --latent_channels must be positive"),
+        (args.res_blocks >= 0, f"--res_blocks must not be negative, got {args.res_blocks}"),
+        (0 <= args.ema < 1, f"--ema must be in [0, 1) (0: off), got {args.ema}"),
+        (0 <= args.grad_clip < math.inf and 0 <= args.classifier_weight < math.inf,
+         "--grad_clip and --classifier_weight must be finite and not negative"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return args
 
 
 def main(argv=None):
@@ -56,12 +83,11 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     train = load_dataset(args.dataset, args.data_root, "train", image_size=32, val_fraction=0.1)
     val = load_dataset(args.dataset, args.data_root, "val", image_size=32, val_fraction=0.1)
-    vae = AttentionVAE(base_channels=args.base_channels, channel_mults=tuple(int(m) for m in args.channel_mults.split(",")),
+    vae = AttentionVAE(base_channels=args.base_channels, channel_mults=args.channel_mults,
                        latent_channels=args.latent_channels, num_classes=len(train.class_names),
                        num_res_blocks=args.res_blocks, block_attention=args.block_attention)
     ema = make_ema(vae, args.ema) if args.ema else None
-    opt = torch.optim.AdamW(vae.parameters(), args.lr, betas=tuple(float(b) for b in args.betas.split(",")),
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), args.lr, betas=args.betas, weight_decay=0.0)
     batcher = DeviceBatcher(train.images, train.labels, args.batch_size, torch.device("cpu"), flip=True, seed=args.seed)
     start, step, epoch = time.time(), 0, 0
     while time.time() - start < args.seconds:

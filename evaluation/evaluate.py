@@ -65,9 +65,10 @@ def load_real_classifier(cfg, device, path=None):
     check_compatible(state, cfg, "classifier", found)
     check_classifier_data(state, cfg, found)
     from config import Config
+    from pipeline import load_weights
     saved = Config.from_dict(state["config"])
     model = build_classifier(saved, len(state["stage"]["class_names"]))
-    model.load_state_dict(state["stage"]["model"])
+    load_weights(model, state["stage"]["model"], found, "classifier")
     model.to(device).eval()
     model.checkpoint_path, model.heldout_digest = found, state["stage"].get("heldout_digest")
     return model

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import re
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -42,9 +43,15 @@ def _first_line(exc: Exception) -> str:
 
 def _load_weights_file(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file: tell the user which one
-        raise UserError(f"cannot read FID Inception weights {path}: {_first_line(exc)}") from exc
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file (a text file gives a bare "KeyError: 101")
+        state, why = None, f"torch.load failed: {type(exc).__name__}"
+    else:
+        why = f"it holds a {type(state).__name__}, not a state dict"
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a readable FID Inception weights file ({why}); expected {FID_WEIGHTS_FILE} "
+                        f"from {FID_WEIGHTS_URL}")
+    return state
 
 
 def _resolve_fid_weights(weights_path: str | None) -> dict | None:
@@ -146,15 +153,25 @@ def reference_stats(
         feats = compute_fn().detach().cpu().float().numpy()
         mu, sigma = feature_stats(feats)
         keep = np.random.default_rng(0).permutation(len(feats))[:MAX_CACHED_FEATURES]
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        # Write then rename, so an interrupted run never leaves a truncated cache behind.
-        fd, tmp_path = tempfile.mkstemp(dir=cache_dir, suffix=".npz.tmp")
+        feats = feats[np.sort(keep)]
         try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, mu=mu, sigma=sigma, feats=feats[np.sort(keep)])
-            os.replace(tmp_path, path)
-        except BaseException:
-            os.unlink(tmp_path)
-            raise
+            _write_cache(path, mu=mu, sigma=sigma, feats=feats)
+        except OSError as exc:  # a read-only or full place: the statistics serve this run uncached
+            print(f"note: reference statistics not cached: cannot write to {cache_dir} ({exc.strerror or exc})",
+                  file=sys.stderr)
+            return mu, sigma, torch.from_numpy(feats)
     with np.load(path) as cached:
         return cached["mu"], cached["sigma"], torch.from_numpy(cached["feats"])
+
+
+def _write_cache(path: Path, **arrays):
+    """Write then rename, so an interrupted run never leaves a truncated cache behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp_path, path)
+    except BaseException:
+        os.unlink(tmp_path)
+        raise

@@ -5,10 +5,14 @@ no traceback, and no file of an earlier run changed.
 Two tiny runs (one latent, one pixel) are trained once per module, in-process, and the
 generate/visualize cases point at them. The cases run a few at a time in the background (each
 is its own process) so the battery fits a small CI machine's time budget; every test then
-checks its own case.
+checks its own case. Cases that need no fresh process (IN_PROCESS, and a read-only run folder,
+which is simulated in-process) call the scripts' main through run_main instead.
 """
 from __future__ import annotations
 
+import builtins
+import errno
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -66,7 +70,7 @@ CASES = [
     case("main_unknown_lr_schedule", *M, "--lr_schedule", "step_zzz", contains="--lr_schedule"),
     case("main_width_not_split_into_heads", *M, "--model", "attn_unet", "--base_channels", "51",
          contains="--base_channels 51"),
-    case("main_width_zero", *M, "--base_channels", "0", contains="widths and head counts must be positive"),
+    case("main_width_zero", *M, "--base_channels", "0", contains="head counts must be positive"),
     case("main_patch_does_not_divide_latent", *M, "--model", "latent_transformer", "--patch_size", "3",
          contains="--patch_size 3"),
     case("main_patch_size_zero", *M, "--model", "transformer", "--patch_size", "0", contains="--patch_size"),
@@ -123,6 +127,8 @@ CASES = [
     case("gen_classify_images_negative", "generate.py", "--results_dir", "{pixel}", "--evaluate",
          "--classify_images", "-1", contains="--classify_images"),
     case("gen_model_path_folder", "generate.py", "--model_path", "{pixel}", contains="is a folder"),
+    case("gen_model_path_and_results_dir", "generate.py", "--results_dir", "{pixel}", "--model_path",
+         "{latent}/conditional_diffusion_final.pt", "--classify", contains="--output_dir"),  # not into {pixel}
     # --- visualize.py
     case("vis_flag_the_mode_does_not_read", "visualize.py", "--mode", "forward_process", "--results_dir",
          "{pixel}", "--steps", "10", contains="--steps"),
@@ -141,6 +147,8 @@ CASES = [
          "{latent_other_vae}", contains="latent_channels"),
     case("vis_model_path_text", "visualize.py", "--mode", "samples_grid", "--model_path", "{text}",
          contains="not a readable checkpoint"),
+    case("vis_model_path_and_results_dir", "visualize.py", "--mode", "samples_grid", "--results_dir", "{pixel}",
+         "--model_path", "{latent}/conditional_diffusion_final.pt", contains="not both"),
 ]
 
 
@@ -167,6 +175,11 @@ class Paths:
         self.latent = root / "latent_run"
         self.latent_other_vae = root / "latent_run_other_vae"  # its VAE file from a run with other latents
         self.truncated = root / "truncated.pt"
+        self.latent_no_centers = root / "latent_run_no_centers"  # its VAE file without the class centers
+        self.config_edited = root / "config_edited.pt"  # base_channels changed after training
+        self.config_text = root / "config_text.pt"  # the config stored as a string
+        self.no_classes = root / "no_classes.pt"  # an empty class_names list
+        self.non_finite = root / "non_finite.pt"  # NaN weights
 
     def format_dict(self):
         return {k: str(v) for k, v in self.__dict__.items()}
@@ -187,6 +200,21 @@ def _train_runs(paths: Paths):
     vae = torch.load(paths.latent / "vae_gan_best.pt", weights_only=True)
     vae["config"]["latent_channels"] = 8
     torch.save(vae, paths.latent_other_vae / "vae_gan_best.pt")
+    paths.latent_no_centers.mkdir()
+    shutil.copy(paths.latent / "conditional_diffusion_final.pt", paths.latent_no_centers)
+    vae = torch.load(paths.latent / "vae_gan_best.pt", weights_only=True)
+    del vae["stage"]["center_loss"]
+    torch.save(vae, paths.latent_no_centers / "vae_gan_best.pt")
+
+    def damaged(path, change):
+        state = torch.load(paths.pixel / "conditional_diffusion_final.pt", weights_only=True)
+        change(state)
+        torch.save(state, path)
+    damaged(paths.config_edited, lambda s: s["config"].update(base_channels=32))
+    damaged(paths.config_text, lambda s: s.update(config=str(s["config"])))
+    damaged(paths.no_classes, lambda s: s["stage"].update(class_names=[]))
+    damaged(paths.non_finite, lambda s: [w.fill_(float("nan")) for w in s["stage"]["ema"].values()
+                                         if w.is_floating_point()])
 
 
 class Battery:
@@ -244,6 +272,121 @@ def test_bad_invocation(battery, case):
     mine = [text for text, mtime in battery.changes() if mtime is not None and
             result.started - 1 <= mtime <= result.ended + 1]
     assert not mine, f"files of earlier runs changed while this case ran: {mine}\n{result.describe()}"
+
+
+# --- a read-only run folder: refused before any work, by every command that writes into it
+
+READ_ONLY_CALLS = [("generate", "--evaluate"), ("generate", "--classify"), ("generate", "--create_animation"),
+                   *(("visualize", "--mode", mode) for mode in
+                     ("latent_space", "samples_grid", "denoising_steps", "reconstructions", "loss_curves",
+                      "forward_process", "steps_comparison", "denoising_path"))]
+
+
+def _read_only(monkeypatch, folder):
+    """Make `folder` behave like a read-only mount in this process (root writes through chmod
+    555): creating or writing anything under it fails with EROFS; reading works; an existing
+    folder still 'makedirs' fine, as there."""
+    root = os.path.realpath(folder)
+
+    def refused(path):
+        try:
+            path = os.path.realpath(os.fspath(path))
+        except TypeError:  # a file descriptor
+            return False
+        return path == root or path.startswith(root + os.sep)
+
+    def fail(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+
+    real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+    def open_(file, mode="r", *args, **kwargs):
+        if refused(file) and set(mode) & set("wax+"):
+            fail(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_open(path, flags, *args, **kwargs):
+        if refused(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            fail(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if refused(path) and not os.path.exists(path):
+            fail(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("call", READ_ONLY_CALLS, ids=[" ".join(c) for c in READ_ONLY_CALLS])
+def test_read_only_run_folder_is_refused_before_any_work(battery, monkeypatch, capsys, call):
+    import generate
+    import pipeline
+    import visualize
+    from errors import run_main
+
+    def no_sampling(*args, **kwargs):
+        pytest.fail("sampled before finding the output folder read-only")
+    monkeypatch.setattr(pipeline.Pipeline, "sample", no_sampling)
+    monkeypatch.setattr(pipeline, "encode_images", no_sampling)
+    run = str(battery.paths.latent)
+    _read_only(monkeypatch, run)
+    entry = {"generate": generate, "visualize": visualize}[call[0]]
+    with one_torch_thread():
+        status = run_main(entry.main, [*call[1:], "--results_dir", run, "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("error: cannot write to the ") and f"{run}: Read-only file system" in lines[0], lines
+
+
+# The same contract checked in-process through run_main (what each script's __main__ runs): a
+# subprocess costs ~4 s of CPU to import torch, too much for cases that need no fresh process.
+IN_PROCESS = [
+    case("gen_class_name_empty", "generate.py", "--results_dir", "{pixel}", "--class_name", "", "--num_samples", "1",
+         contains="--class_name is empty"),  # not taken for 'all'
+    case("vis_class_name_empty", "visualize.py", "--mode", "denoising_steps", "--results_dir", "{pixel}",
+         "--class_name", "", contains="--class_name is empty"),
+    # checkpoints whose contents do not match their own config, or that miss a part
+    case("gen_checkpoint_config_edited", "generate.py", "--model_path", "{config_edited}", "--output_dir", "{fresh}",
+         contains="{config_edited} does not match its own config"),
+    case("gen_checkpoint_config_not_a_mapping", "generate.py", "--model_path", "{config_text}", "--output_dir",
+         "{fresh}", contains="{config_text} is damaged: its config"),
+    case("gen_checkpoint_no_class_names", "generate.py", "--model_path", "{no_classes}", "--output_dir", "{fresh}",
+         contains="{no_classes} is damaged: it names no classes"),
+    case("gen_checkpoint_non_finite_weights", "generate.py", "--model_path", "{non_finite}", "--output_dir",
+         "{fresh}", "--num_samples", "1", "--steps", "2", contains="{non_finite} holds non-finite weights"),
+    case("vis_latent_space_vae_without_centers", "visualize.py", "--mode", "latent_space", "--results_dir",
+         "{latent_no_centers}", contains="no center_loss inside"),
+]
+
+
+@pytest.mark.parametrize("bad", IN_PROCESS, ids=[c.id for c in IN_PROCESS])
+def test_bad_invocation_in_process(battery, capsys, bad):
+    import importlib
+    from errors import run_main
+    entry = importlib.import_module(bad.script.removesuffix(".py"))
+    fmt = battery.paths.format_dict()
+    with one_torch_thread():
+        status = run_main(entry.main, battery._argv(bad, fmt) + ["--device", "cpu"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert bad.contains.format(**fmt).lower() in lines[0].lower(), lines
+
+
+def test_non_finite_samples_of_a_checkpoint_are_refused(battery, monkeypatch):
+    """Finite weights whose samples still overflow (the NaN-weights file is refused at load, by
+    an IN_PROCESS case): refused by name, not saved as black images. A training run's pipeline
+    (no checkpoint file) is left alone."""
+    import pipeline
+    from errors import UserError
+    pipe = pipeline.load_pipeline(str(battery.paths.pixel))
+    monkeypatch.setattr(pipeline, "run_sampler", lambda *a, **k: torch.full((1, 3, IMAGE_SIZE, IMAGE_SIZE), torch.nan))
+    with pytest.raises(UserError, match=r"^sampling from .*conditional_diffusion_final\.pt gave non-finite values"):
+        pipe.sample([0], steps=2)
+    pipe.checkpoint_path = None
+    assert torch.isnan(pipe.sample([0], steps=2)).all()
 
 
 def test_no_earlier_run_changed(battery):

@@ -1,9 +1,15 @@
 """bench/benchmark.py end to end on the CPU at the tiny preset: the JSON it writes holds every
 figure for every model asked for, and bad flags get one error line. (Its speed is what it
-measures, never what a test asserts.)"""
+measures, never what a test asserts.) Each bench script refuses bad input in one error line
+before its long work."""
+import argparse
 import json
+import types
 
-from helpers_cli import assert_one_line_error, run_cli, run_many
+import pytest
+
+from errors import run_main
+from helpers_cli import assert_one_line_error, one_torch_thread, run_cli, run_many
 
 
 def test_benchmark_writes_every_figure_for_each_model(tmp_path):
@@ -49,7 +55,8 @@ def test_flop_count_includes_softmax_attention_on_the_cpu():
 
 
 def test_benchmark_refuses_bad_flags(tmp_path):
-    cases = (("--train_batch", "0"), ("--models", "resnet"), ("--preset", "huge"))
+    # --device cuda: the UserError of a machine without a GPU (the tests hide any), through run_main
+    cases = (("--train_batch", "0"), ("--models", "resnet"), ("--preset", "huge"), ("--device", "cuda"))
     results = run_many([("bench/benchmark.py", "--out", tmp_path / "x.json", *args) for args in cases])
     for (flag, _), result in zip(cases, results):
         assert_one_line_error(result, contains=flag)
@@ -57,7 +64,7 @@ def test_benchmark_refuses_bad_flags(tmp_path):
 
 
 def test_sampler_accuracy_writes_each_samplers_error(tmp_path):
-    out = tmp_path / "accuracy.json"
+    out = tmp_path / "new" / "accuracy.json"  # --out's folder is created
     result = run_cli("bench/sampler_accuracy.py", "--schedules", "cosine", "--steps", "10,200", "--samples", "512",
                      "--out", out)
     assert result.returncode == 0, result.describe()
@@ -67,3 +74,84 @@ def test_sampler_accuracy_writes_each_samplers_error(tmp_path):
     assert rows["200"]["dpmpp"]["rms_error"] < rows["10"]["dpmpp"]["rms_error"] < rows["10"]["ddim"]["rms_error"]
     assert abs(rows["200"]["ddpm"]["std_ratio"] - 1) < 0.1
     assert_one_line_error(run_cli("bench/sampler_accuracy.py", "--steps", "0"), contains="--steps")
+
+
+# --- bad input, refused in-process before any long work --------------------------------------------
+
+def exit_status(main, argv):
+    """run_main's status, or argparse's (ArgumentParser.error exits itself)."""
+    try:
+        return run_main(main, [str(a) for a in argv])
+    except SystemExit as e:
+        return e.code
+
+
+def assert_refused(capsys, status, contains):
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: ") and err.count("\n") == 1, (status, err)
+    assert contains in err, err
+
+
+def not_reached(*args, **kwargs):
+    raise AssertionError("the long work started before the bad input was refused")
+
+
+def out_paths(args, tmp_path):
+    """UNWRITABLE: an --out that cannot be written, even by root (a path under a regular file);
+    FOLDER: an existing folder."""
+    (tmp_path / "a_file").write_text("")
+    return [{"UNWRITABLE": tmp_path / "a_file" / "x.json", "FOLDER": tmp_path}.get(a, a) for a in args]
+
+
+OUT_CASES = [(["--out", "UNWRITABLE"], "--out"), (["--out", "FOLDER"], "--out")]
+
+
+@pytest.mark.parametrize("args, contains", [(["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"),
+                                            *OUT_CASES])
+def test_benchmark_refuses_bad_threads_and_out_before_measuring(args, contains, tmp_path, monkeypatch, capsys):
+    from bench import benchmark
+    monkeypatch.setattr(benchmark, "peak_flops", not_reached)  # the first measurement
+    status = exit_status(benchmark.main, ["--device", "cpu", *out_paths(args, tmp_path)])
+    assert_refused(capsys, status, contains)
+
+
+@pytest.mark.parametrize("args, contains", [
+    (["--threads", "0"], "--threads"), (["--channel_mults", "a,b"], "--channel_mults"), (["--betas", "x"], "--betas"),
+    (["--betas", "0.9"], "--betas"), (["--lr", "-1"], "--lr"), (["--batch_size", "0"], "--batch_size")])
+def test_vae_screen_refuses_bad_flags_before_loading_data(args, contains, tmp_path, capsys):
+    from bench import vae_screen
+    with one_torch_thread():  # past its checks, main sets the thread count
+        status = exit_status(vae_screen.main, ["--data_root", tmp_path / "no_data", *args])
+    assert_refused(capsys, status, contains)
+
+
+@pytest.fixture
+def sweep(tmp_path, monkeypatch):
+    """bench/sampling_sweep.py on a stand-in run with the tiny preset's 100-step schedule; loading
+    the real-data classifier, the first long step, fails the test."""
+    from bench import sampling_sweep
+    from config import build_config
+    run = types.SimpleNamespace(cfg=build_config(argparse.Namespace(preset="tiny")))
+    assert run.cfg.timesteps == 100
+    monkeypatch.setattr(sampling_sweep, "load_pipeline", lambda *args, **kwargs: run)
+    monkeypatch.setattr(sampling_sweep, "load_real_classifier", not_reached)
+    return lambda *args: exit_status(sampling_sweep.main, ["--results_dir", tmp_path, "--device", "cpu", *args])
+
+
+@pytest.mark.parametrize("args, contains", [
+    (["--samplers", "ddim:100,dpmpp:1000"], "--samplers dpmpp:1000:"), (["--guidance", "nan"], "--guidance"),
+    (["--guidance", "2,-1"], "--guidance"), (["--guidance", "1e9"], "--guidance"), *OUT_CASES])
+def test_sampling_sweep_refuses_bad_settings_before_sampling(args, contains, sweep, tmp_path, capsys):
+    assert_refused(capsys, sweep(*out_paths(args, tmp_path)), contains)
+
+
+def test_sampling_sweep_takes_good_settings_past_its_checks(sweep, tmp_path):
+    with pytest.raises(AssertionError, match="long work started"):
+        sweep("--samplers", "dpmpp:100,ddpm:1", "--guidance", "0,50", "--out", tmp_path / "new" / "sweep.json")
+
+
+@pytest.mark.parametrize("args, contains", OUT_CASES)
+def test_sampler_accuracy_refuses_an_unwritable_out_before_measuring(args, contains, tmp_path, monkeypatch, capsys):
+    from bench import sampler_accuracy
+    monkeypatch.setattr(sampler_accuracy, "measure", not_reached)
+    assert_refused(capsys, exit_status(sampler_accuracy.main, out_paths(args, tmp_path)), contains)

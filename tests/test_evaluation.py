@@ -227,6 +227,13 @@ def test_fid_inception_loads_weights_from_explicit_path_and_hub_cache(offline_em
         with pytest.raises(UserError, match="FID Inception weights") as error:
             inception.load_fid_inception(str(bad_file), "cpu")
         assert "\n" not in str(error.value)
+    # A text file or a bare tensor: said to be no weights file (torch.load's own error is a bare "101")
+    a_tensor = tmp_path / "a_tensor.pth"
+    torch.save(torch.zeros(3), a_tensor)
+    for bad_file in (not_torch, a_tensor):
+        with pytest.raises(UserError) as error:
+            inception.load_fid_inception(str(bad_file), "cpu")
+        assert f"{bad_file} is not a readable FID Inception weights file" in str(error.value)
 
 
 def test_reference_stats_are_cached_and_fid_kid_uses_them(tmp_path):
@@ -246,6 +253,17 @@ def test_reference_stats_are_cached_and_fid_kid_uses_them(tmp_path):
 
     scores = inception.fid_kid(cached, features, real_stats=(mu, sigma), kid_subsets=5, kid_subset_size=100)
     assert set(scores) == {"fid", "kid_mean", "kid_std"} and abs(scores["fid"]) < 1e-6
+
+
+def test_reference_stats_in_an_unwritable_place_serve_the_run_uncached(tmp_path, capsys):
+    """A read-only place for .fid_cache (beside a read-only run folder) must not end an
+    evaluation after all its sampling: the statistics serve this run, with a note."""
+    features = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("the cache cannot go under a file")
+    mu, sigma, feats = inception.reference_stats("key", a_file / ".fid_cache", lambda: features)
+    assert mu == pytest.approx(features.double().mean(0).numpy()) and torch.equal(feats, features)
+    assert "note: reference statistics not cached" in capsys.readouterr().err
 
 
 def test_diffusion_classify_with_oracle_eps_is_near_perfect():

@@ -669,18 +669,21 @@ def test_a_damaged_metrics_file_is_refused_before_resuming(data, reference, tmp_
     assert _snapshot(run_dir) == before
 
 
-@pytest.mark.parametrize("stage_checkpoint", [True, False], ids=["resume", "stage_without_checkpoint"])
-def test_a_config_edited_into_nonsense_is_one_error_line(data, reference, tmp_path, capsys, stage_checkpoint):
-    """A resumed stage takes its config from its checkpoint, then checks the folder's config.json;
-    a stage with no checkpoint yet reads config.json (--train_all --resume of a latent run whose
-    VAE stage has no _last.pt left)."""
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh_start", "resume_without_stage_checkpoint"])
+def test_a_config_edited_into_nonsense_is_one_error_line(data, reference, tmp_path, capsys, fresh):
+    """A fresh stage checks the folder's config.json; --resume of a stage with no checkpoint yet reads
+    it for its settings (--train_all --resume of a latent run whose VAE has no _last.pt left)."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     (run_dir / "config.json").write_text(json.dumps({"model": 5, "base_channels": "x"}))
-    if not stage_checkpoint:
+    if fresh:
+        for checkpoint in run_dir.glob("*.pt"):
+            checkpoint.unlink()
+        argv = run_args(data, run_dir, 1)
+    else:
         (run_dir / LAST).rename(run_dir / "vae_gan_last.pt")  # the config.json path of the diffusion stage
-    action = "--train_diffusion" if stage_checkpoint else "--train_all"
-    assert train_in_process([action, "--resume", "--results_dir", run_dir]) == 2
+        argv = ["--train_all", "--resume", "--results_dir", run_dir]
+    assert train_in_process(argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    expected = "is not a valid run config" if stage_checkpoint else "--resume: cannot read the run's config in"
+    expected = "is not a valid run config" if fresh else "--resume: cannot read the run's config in"
     assert line.startswith("error: ") and expected in line and "config.json" in line, line

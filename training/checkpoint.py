@@ -80,6 +80,9 @@ def load_checkpoint(path, what="checkpoint"):
                         f"{type(e).__name__})") from None
     if not isinstance(state, dict) or "config" not in state or "kind" not in state:
         raise UserError(f"{path} is not a checkpoint of this suite (no config/kind inside)")
+    if not isinstance(state["config"], dict):
+        raise UserError(f"{path} is damaged: its config is a {type(state['config']).__name__}, not a mapping "
+                        f"of settings")
     return state
 
 

@@ -4,6 +4,7 @@ import csv
 import os
 import platform
 import subprocess
+import tempfile
 
 import torch
 
@@ -15,18 +16,34 @@ from training import distributed as dist
 METRICS_COLUMNS = ["stage", "epoch", "step", "name", "value"]
 
 
+def writable_folder(folder, what="output folder"):
+    """Create `folder` if needed and prove a file can be written in it, before any long work
+    (makedirs succeeds on an existing read-only folder). Returns `folder`."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test", dir=folder)  # unique: runs may share a folder
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:  # a read-only file system, no permission, a path under a regular file
+        raise UserError(f"cannot write to the {what} {folder}: {e.strerror or e}") from None
+    return folder
+
+
+def writable_output(path, flag="--out"):
+    """An output file's path, refused before the work that fills it if it is a folder or its
+    folder cannot be written (the folder is created). Returns `path`."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder, not a file")
+    writable_folder(os.path.dirname(os.path.abspath(path)), f"{flag} folder")
+    return path
+
+
 class Run:
     def __init__(self, folder, create=True):
         self.folder = folder
         if create and dist.is_main():
-            try:
-                os.makedirs(os.path.join(folder, "pictures"), exist_ok=True)
-                probe = os.path.join(folder, ".write_test")
-                with open(probe, "w"):
-                    pass
-                os.remove(probe)
-            except OSError as e:
-                raise UserError(f"cannot write to the results folder {folder}: {e.strerror}") from None
+            writable_folder(os.path.join(folder, "pictures"), "results folder")
+            writable_folder(folder, "results folder")
 
     def path(self, *names):
         return os.path.join(self.folder, *names)

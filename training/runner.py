@@ -137,7 +137,8 @@ def train_vae(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     from training.vae_gan import VAEGANStage
     device, run = _start(cfg)
     state = resume_state_for(cfg, VAEGANStage, resume, checkpoint_path)
-    check_folder_holds_this_run(cfg)
+    if state is None or checkpoint_path:  # a stage resumed in its own folder is that folder's run
+        check_folder_holds_this_run(cfg)
     train, val = load_splits(cfg)
     stage = VAEGANStage(cfg, len(train.class_names), cfg.image_size, device, val, run, train.class_names)
     batcher = DeviceBatcher(train.images, train.labels, dist.per_rank_batch_size(cfg.vae_batch_size), device,
@@ -185,7 +186,8 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     from training.denoiser import DenoiserStage
     device, run = _start(cfg)
     state = resume_state_for(cfg, DenoiserStage, resume, checkpoint_path)
-    check_folder_holds_this_run(cfg)
+    if state is None or checkpoint_path:  # a stage resumed in its own folder is that folder's run
+        check_folder_holds_this_run(cfg)
     train, val = load_splits(cfg)
     per_rank = dist.per_rank_batch_size(cfg.batch_size)
     if cfg.is_latent:
