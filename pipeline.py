@@ -12,7 +12,7 @@ from diffusion.samplers import sample as run_sampler
 from diffusion.schedule import NoiseSchedule
 from errors import UserError
 from models import build_denoiser, build_vae
-from training.checkpoint import check_compatible, load_checkpoint
+from training.checkpoint import all_finite, check_compatible, load_checkpoint
 from training.optim import autocast
 
 DENOISER_FILES = ("conditional_diffusion_final.pt", "conditional_diffusion_last.pt")
@@ -125,13 +125,10 @@ class Pipeline:
     def refuse_non_finite_weights(self):
         """A checkpoint with NaN/inf weights samples black images and meaningless metrics: refuse
         it by name (load_pipeline does, before any work; a few ms)."""
-        tensors = list(self.denoiser.state_dict().values())
-        if self.vae is not None:
-            tensors += list(self.vae.state_dict().values()) + [self.latent_shift, self.latent_scale]
-        bad = sum(1 for t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-        if bad:
-            raise UserError(f"{self.checkpoint_path} holds non-finite weights (NaN or inf in {bad} of its "
-                            f"tensors): its samples would be blank; use another checkpoint of the run")
+        vae_parts = [self.vae.state_dict(), self.latent_shift, self.latent_scale] if self.vae is not None else []
+        if not all_finite([self.denoiser.state_dict(), *vae_parts]):
+            raise UserError(f"{self.checkpoint_path} holds non-finite weights (NaN or inf): its samples would "
+                            f"be blank; use another checkpoint of the run")
 
     def _refuse_non_finite(self, sampler, steps, guidance_scale):
         """Samples of a loaded checkpoint came out NaN/inf: say whether its weights or the

@@ -64,6 +64,17 @@ def copy_checkpoint(source, path):
             os.remove(tmp)
 
 
+def all_finite(state):
+    """Whether every floating-point tensor in a (nested) state dict is finite."""
+    if isinstance(state, torch.Tensor):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(all_finite(v) for v in state)
+    return True
+
+
 def load_checkpoint(path, what="checkpoint"):
     """Load a checkpoint safely; every problem becomes one clear UserError line."""
     if not os.path.isfile(path):

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from errors import UserError
 from training import distributed as dist
-from training.checkpoint import save_checkpoint
+from training.checkpoint import all_finite, save_checkpoint
 from training.run import Run
 
 
@@ -63,17 +63,6 @@ def set_rng_state(state):
                          *state.get("numpy_gauss", (0, 0.0))))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def all_finite(state):
-    """Whether every floating-point tensor in a (nested) state dict is finite."""
-    if isinstance(state, torch.Tensor):
-        return not state.is_floating_point() or bool(torch.isfinite(state).all())
-    if isinstance(state, dict):
-        return all(all_finite(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return all(all_finite(v) for v in state)
-    return True
 
 
 class _SignalCatcher:
