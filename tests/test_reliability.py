@@ -640,18 +640,30 @@ def test_a_stage_never_starts_over_the_files_of_an_earlier_run(data, reference, 
 
 
 def test_a_folder_holding_another_kind_of_run_is_refused(data, reference, tmp_path, capsys):
-    """A VAE trained into a pixel UNet's folder (its checkpoints moved away) would leave a config.json
-    that describes neither run."""
+    """A VAE trained into a pixel UNet's folder would mix two runs (and rewrite config.json)."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
-    for checkpoint in run_dir.glob("*.pt"):
-        checkpoint.unlink()
     before = _snapshot(run_dir)
     argv = [a if a != "--train_diffusion" else "--train_vae" for a in run_args(data, run_dir, 1)]
     assert train_in_process([*argv, "--model", "latent_unet"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "holds a run of --model unet" in line and "not --model latent_unet" in line, line
+    assert f"holds {FINAL} of --model unet" in line and "not --model latent_unet" in line, line
     assert _snapshot(run_dir) == before
+
+
+def test_a_classifier_trained_into_a_run_folder_does_not_change_what_the_folder_holds(data, reference, tmp_path):
+    """The classifier rewrites config.json with its own (default --model) config: the pixel run in
+    the folder must still continue there, and a fresh pixel run must still start beside a classifier."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    classifier = ["--train_classifier", "--dataset", "folder", "--data_root", data, "--image_size", "16",
+                  "--preset", "tiny", "--batch_size", "4", "--epochs", "1", "--results_dir", run_dir]
+    assert train_in_process(classifier) == 0
+    assert train_in_process([*run_args(data, tmp_path / "next", 3), "--checkpoint_path", run_dir / LAST,
+                             "--total_epochs", "3"]) == 0
+    fresh = tmp_path / "fresh"
+    assert train_in_process([*classifier[:-1], fresh]) == 0
+    assert train_in_process(run_args(data, fresh, 1)) == 0
 
 
 @pytest.mark.parametrize("damage", ["nul_tail", "bad_header", "text_value"])
@@ -669,21 +681,13 @@ def test_a_damaged_metrics_file_is_refused_before_resuming(data, reference, tmp_
     assert _snapshot(run_dir) == before
 
 
-@pytest.mark.parametrize("fresh", [True, False], ids=["fresh_start", "resume_without_stage_checkpoint"])
-def test_a_config_edited_into_nonsense_is_one_error_line(data, reference, tmp_path, capsys, fresh):
-    """A fresh stage checks the folder's config.json; --resume of a stage with no checkpoint yet reads
-    it for its settings (--train_all --resume of a latent run whose VAE has no _last.pt left)."""
+def test_a_config_edited_into_nonsense_is_one_error_line(data, reference, tmp_path, capsys):
+    """--resume of a stage with no checkpoint yet reads config.json for its settings (--train_all
+    --resume of a latent run whose VAE has no _last.pt left)."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     (run_dir / "config.json").write_text(json.dumps({"model": 5, "base_channels": "x"}))
-    if fresh:
-        for checkpoint in run_dir.glob("*.pt"):
-            checkpoint.unlink()
-        argv = run_args(data, run_dir, 1)
-    else:
-        (run_dir / LAST).rename(run_dir / "vae_gan_last.pt")  # the config.json path of the diffusion stage
-        argv = ["--train_all", "--resume", "--results_dir", run_dir]
-    assert train_in_process(argv) == 2
+    (run_dir / LAST).rename(run_dir / "vae_gan_last.pt")  # the config.json path of the diffusion stage
+    assert train_in_process(["--train_all", "--resume", "--results_dir", run_dir]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    expected = "is not a valid run config" if fresh else "--resume: cannot read the run's config in"
-    assert line.startswith("error: ") and expected in line and "config.json" in line, line
+    assert line.startswith("error: --resume: cannot read the run's config in") and "config.json" in line, line

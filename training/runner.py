@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from config import Config, build_config, validate
+from config import Config, build_config
 from data import load_dataset
 from data.batcher import DeviceBatcher
 from errors import UserError
@@ -51,23 +51,21 @@ def resume_state_for(cfg, stage_cls, resume, checkpoint_path=None):
 
 
 def check_folder_holds_this_run(cfg):
-    """A stage starting in a folder must not mix into another run's: config.json there must name
-    the same data and image size, and the same kind of model (a latent denoiser may follow a VAE
-    trained under another latent --model: they share it)."""
-    path = os.path.join(cfg.results_dir, "config.json")
-    if not os.path.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            theirs = validate(Config.from_dict(json.load(f)))
-    except (OSError, ValueError, TypeError, AttributeError, UserError) as e:
-        raise UserError(f"{path} is not a valid run config ({e}); move it away or choose another "
-                        f"--results_dir") from None
-    size_differs = None not in (theirs.image_size, cfg.image_size) and theirs.image_size != cfg.image_size
-    if (theirs.dataset, theirs.is_latent) != (cfg.dataset, cfg.is_latent) or size_differs:
-        raise UserError(f"{cfg.results_dir} holds a run of --model {theirs.model} on --dataset {theirs.dataset} at "
-                        f"--image_size {theirs.image_size}, not --model {cfg.model} on {cfg.dataset} at "
-                        f"{cfg.image_size}: choose another --results_dir")
+    """A stage starting in a folder must not mix into another run's: the VAE and denoiser
+    checkpoints there must be of the same data and image size, and of the same kind of model (a
+    latent denoiser may follow a VAE trained under another latent --model: they share it).
+    config.json is no guide: a real-data classifier trained into the folder rewrites it."""
+    from pipeline import DENOISER_FILES, VAE_FILES, first_file
+    for names in (VAE_FILES, DENOISER_FILES):
+        path = first_file(cfg.results_dir, names)
+        if path is None:
+            continue
+        theirs = Config.from_dict(load_checkpoint(path)["config"])
+        size_differs = None not in (theirs.image_size, cfg.image_size) and theirs.image_size != cfg.image_size
+        if (theirs.dataset, theirs.is_latent) != (cfg.dataset, cfg.is_latent) or size_differs:
+            raise UserError(f"{cfg.results_dir} holds {os.path.basename(path)} of --model {theirs.model} on --dataset "
+                            f"{theirs.dataset} at --image_size {theirs.image_size}, not --model {cfg.model} on "
+                            f"{cfg.dataset} at {cfg.image_size}: choose another --results_dir")
 
 
 def _own_rng_stream(state, cfg):
