@@ -230,6 +230,7 @@ MODEL_RECIPES = {
 
 
 DEVICES = ("auto", "cuda", "mps", "cpu")  # --device everywhere; auto: CUDA, then MPS, then the CPU
+MAX_GUIDANCE = 50.0  # --guidance_scale (and the sampling sweep's --guidance) lies in [0, MAX_GUIDANCE]
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -365,7 +366,8 @@ def validate(cfg):
                                 ("amp", AMP_MODES))),
         (cfg.timesteps >= 2, "--timesteps must be at least 2"),
         (1 <= cfg.steps <= cfg.timesteps, f"--steps must be between 1 and {cfg.timesteps}, got {cfg.steps}"),
-        (0 <= cfg.guidance_scale <= 50, f"--guidance_scale must be between 0 and 50, got {cfg.guidance_scale}"),
+        (0 <= cfg.guidance_scale <= MAX_GUIDANCE,
+         f"--guidance_scale must be between 0 and {MAX_GUIDANCE:g}, got {cfg.guidance_scale}"),
         (cfg.guidance_interval is None or 0 <= cfg.guidance_interval[0] < cfg.guidance_interval[1] < math.inf,
          f"--guidance_interval LO HI needs 0 <= LO < HI and HI finite, got {_plain(cfg.guidance_interval)}"),
         (cfg.batch_size > 0 and cfg.vae_batch_size > 0, "--batch_size must be positive"),
