@@ -278,10 +278,21 @@ def add_common_args(parser):
     return parser
 
 
+def positive_int(text):
+    """argparse type for counts: argparse's own one-line error and exit 2 for 0 or less."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
 def add_sampling_args(parser):
     g = parser.add_argument_group("sampling")
     g.add_argument("--sampler", choices=SAMPLERS)
-    g.add_argument("--steps", type=int, help="sampling steps (network evaluations)")
+    g.add_argument("--steps", type=positive_int, help="sampling steps (network evaluations)")
     g.add_argument("--guidance_scale", type=float, help="classifier-free guidance; 1 = none, 0 = unconditional")
     g.add_argument("--guidance_schedule", choices=GUIDANCE_SCHEDULES)
     g.add_argument("--guidance_interval", type=float, nargs=2, metavar=("LO", "HI"),

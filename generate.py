@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from config import SAMPLING_FLAGS, ArgumentParser, add_common_args, add_sampling_args, build_config, refuse_unused_flags
+from config import (SAMPLING_FLAGS, ArgumentParser, add_common_args, add_sampling_args, build_config, positive_int,
+                    refuse_unused_flags)
 from data import safe_name
 from errors import UserError, run_main
 
@@ -23,7 +24,7 @@ def parse_args(argv=None):
     p = ArgumentParser(prog="generate.py", description=__doc__)
     p.add_argument("--model_path", help="a denoiser checkpoint (instead of --results_dir)")
     p.add_argument("--class_name", help="class to sample or animate, or 'all' (default)")
-    p.add_argument("--num_samples", type=int,
+    p.add_argument("--num_samples", type=positive_int,
                    help="images per class (default 10); with --evaluate the total, balanced over classes "
                         "(default 2000); with --classify the held-out images to classify (default 200)")
     action = p.add_mutually_exclusive_group()
@@ -41,10 +42,6 @@ def parse_args(argv=None):
     add_common_args(p)
     add_sampling_args(p)
     args = p.parse_args(argv)
-    if args.num_samples is not None and args.num_samples <= 0:
-        raise UserError(f"--num_samples must be positive, got {args.num_samples}")
-    if args.steps is not None and args.steps <= 0:
-        raise UserError(f"--steps must be positive, got {args.steps}")
     if args.classify_images is not None and args.classify_images < 0:
         raise UserError(f"--classify_images must not be negative, got {args.classify_images}")
     if args.class_name is not None and not args.class_name.strip():

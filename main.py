@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from config import ArgumentParser, add_common_args, add_sampling_args, build_config
+from config import ArgumentParser, add_common_args, add_sampling_args, build_config, positive_int
 from diffusion.objective import LOSS_TERMS, LOSS_WEIGHTINGS, PREDICTIONS, TIMESTEP_SAMPLINGS
 from diffusion.schedule import SCHEDULES
 from errors import UserError, run_main
@@ -18,7 +18,7 @@ def parse_args(argv=None):
     stage.add_argument("--train_all", action="store_true", help="VAE-GAN then denoiser (pixel models: denoiser)")
     stage.add_argument("--train_classifier", action="store_true",
                        help="train the real-data classifier used by the offline metrics")
-    p.add_argument("--epochs", type=int, help="epochs of the stage being trained")
+    p.add_argument("--epochs", type=positive_int, help="epochs of the stage being trained")
     p.add_argument("--vae_epochs", type=int, help="VAE-GAN epochs (with --train_all)")
     p.add_argument("--diffusion_epochs", type=int, help="denoiser epochs (with --train_all)")
     p.add_argument("--minutes", type=float, help="wall-clock budget of the stage being trained: it stops at the "
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="learning rate of the stage(s) being trained")
     p.add_argument("--resume", action="store_true", help="continue the run in --results_dir from its last checkpoint")
     p.add_argument("--checkpoint_path", help="continue from this checkpoint (with --total_epochs)")
-    p.add_argument("--total_epochs", type=int, help="with --checkpoint_path: train until this many epochs")
+    p.add_argument("--total_epochs", type=positive_int, help="with --checkpoint_path: train until this many epochs")
     add_common_args(p)
     add_sampling_args(p)
     g = p.add_argument_group("VAE-GAN")
@@ -103,8 +103,6 @@ def parse_args(argv=None):
 def stage_overrides(args):
     """--epochs / --lr / --batch_size apply to the stage being trained."""
     if args.epochs is not None:
-        if args.epochs <= 0:
-            raise UserError(f"--epochs must be positive, got {args.epochs}")
         if args.train_vae:
             args.vae_epochs = args.epochs
         elif args.train_diffusion:
@@ -130,8 +128,6 @@ def stage_overrides(args):
                 setattr(args, field, getattr(args, flag))
     if (args.checkpoint_path is None) != (args.total_epochs is None):
         raise UserError("--checkpoint_path and --total_epochs go together")
-    if args.total_epochs is not None and args.total_epochs < 1:
-        raise UserError(f"--total_epochs must be at least 1, got {args.total_epochs}")
     if args.checkpoint_path and args.resume:
         raise UserError("--resume continues the run in --results_dir, --checkpoint_path a given checkpoint: "
                         "give one of them")

@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from config import SAMPLING_FLAGS, ArgumentParser, add_common_args, add_sampling_args, build_config, refuse_unused_flags
+from config import (SAMPLING_FLAGS, ArgumentParser, add_common_args, add_sampling_args, build_config, positive_int,
+                    refuse_unused_flags)
 from errors import UserError, run_main
 
 # What each mode reads beyond the run, its data and the device: any other flag is refused.
@@ -28,14 +29,10 @@ def parse_args(argv=None):
     p.add_argument("--model_path", help="a denoiser checkpoint (instead of --results_dir)")
     p.add_argument("--class_name", help="class for the single-class modes (default: the first)")
     p.add_argument("--classes", nargs="+", help="classes to show (default: all, or a spread of 10)")
-    p.add_argument("--num_samples", type=int, help="images per class or paths (default 8)")
+    p.add_argument("--num_samples", type=positive_int, help="images per class or paths (default 8)")
     add_common_args(p)
     add_sampling_args(p)
     args = p.parse_args(argv)
-    if args.num_samples is not None and args.num_samples <= 0:
-        raise UserError(f"--num_samples must be positive, got {args.num_samples}")
-    if args.steps is not None and args.steps <= 0:
-        raise UserError(f"--steps must be positive, got {args.steps}")
     policed = set().union(*MODE_FLAGS.values()) | {"batch_size", "subset", "download"}
     refuse_unused_flags(args, MODE_FLAGS[args.mode], policed, f"--mode {args.mode}")
     if args.class_name is not None and not args.class_name.strip():

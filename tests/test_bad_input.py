@@ -362,6 +362,21 @@ IN_PROCESS = [
 ]
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    ("main", ["--train_diffusion", "--checkpoint_path", "x.pt", "--total_epochs", "3.5"],
+     "argument --total_epochs: not a whole number: '3.5'"),
+    ("visualize", ["--mode", "samples_grid", "--num_samples", "0"], "argument --num_samples: must be positive, got 0"),
+    ("generate", ["--steps", "-2"], "argument --steps: must be positive, got -2"),
+])
+def test_counts_are_checked_while_parsing(capsys, script, argv, message):
+    """config.positive_int: a count below 1 is argparse's own one-line error, before any work."""
+    import importlib
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(script).parse_args(argv)
+    lines = capsys.readouterr().err.splitlines()
+    assert stop.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
 @pytest.mark.parametrize("bad", IN_PROCESS, ids=[c.id for c in IN_PROCESS])
 def test_bad_invocation_in_process(battery, capsys, bad):
     import importlib

@@ -68,6 +68,15 @@ def check_folder_holds_this_run(cfg):
                             f"{cfg.dataset} at {cfg.image_size}: choose another --results_dir")
 
 
+def _model_stage_state(cfg, stage_cls, resume, checkpoint_path):
+    """resume_state_for, plus the folder check for a VAE or denoiser stage that starts fresh or
+    continues another folder's checkpoint (a stage resumed in its own folder is that folder's run)."""
+    state = resume_state_for(cfg, stage_cls, resume, checkpoint_path)
+    if state is None or checkpoint_path:
+        check_folder_holds_this_run(cfg)
+    return state
+
+
 def _own_rng_stream(state, cfg):
     """A checkpoint holds rank 0's RNG state only: restored on every rank, it would give all ranks
     the same noise, timesteps and dropout masks from then on. Other ranks continue on a stream of
@@ -134,9 +143,7 @@ def _start(cfg):
 def train_vae(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     from training.vae_gan import VAEGANStage
     device, run = _start(cfg)
-    state = resume_state_for(cfg, VAEGANStage, resume, checkpoint_path)
-    if state is None or checkpoint_path:  # a stage resumed in its own folder is that folder's run
-        check_folder_holds_this_run(cfg)
+    state = _model_stage_state(cfg, VAEGANStage, resume, checkpoint_path)
     train, val = load_splits(cfg)
     stage = VAEGANStage(cfg, len(train.class_names), cfg.image_size, device, val, run, train.class_names)
     batcher = DeviceBatcher(train.images, train.labels, dist.per_rank_batch_size(cfg.vae_batch_size), device,
@@ -183,9 +190,7 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     from data import to_float
     from training.denoiser import DenoiserStage
     device, run = _start(cfg)
-    state = resume_state_for(cfg, DenoiserStage, resume, checkpoint_path)
-    if state is None or checkpoint_path:  # a stage resumed in its own folder is that folder's run
-        check_folder_holds_this_run(cfg)
+    state = _model_stage_state(cfg, DenoiserStage, resume, checkpoint_path)
     train, val = load_splits(cfg)
     per_rank = dist.per_rank_batch_size(cfg.batch_size)
     if cfg.is_latent:
