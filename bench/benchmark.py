@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from config import DENOISERS, DEVICES, PRESETS, ArgumentParser, build_config  # noqa: E402
+from config import DENOISERS, DEVICES, PRESETS, ArgumentParser, build_config, positive_int  # noqa: E402
 from errors import run_main  # noqa: E402
 from training.run import device_name, git_commit, writable_output  # noqa: E402
 from models import build_denoiser, build_vae  # noqa: E402
@@ -360,20 +360,16 @@ def main(argv=None):
                                                          "extrapolated from 10 steps (CPU) or 100 (GPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training model, not sampling (default: as training does, on CUDA only)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice); on a busy "
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's choice); on a busy "
                                                "machine 1 is far steadier than threads that wait on each other")
     p.add_argument("--models", help=f"comma-separated subset of {','.join(DENOISERS)},{REFERENCE}")
-    p.add_argument("--train_batch", type=int, help="training batch (default: the config's on CUDA; on CPUs 8 "
+    p.add_argument("--train_batch", type=positive_int, help="training batch (default: the config's on CUDA; on CPUs 8 "
                                                    "with --quick, else 16)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default",
                    help="measure each model at this preset's sizes and precision (e.g. cpu: the CPU recipe's "
                         "widths in bf16) instead of its default size")
     args = p.parse_args(argv)
 
-    if args.train_batch is not None and args.train_batch < 1:
-        p.error("--train_batch must be positive")
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads must be at least 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)

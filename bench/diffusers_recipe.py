@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import DEVICES, ArgumentParser, Config, validate  # noqa: E402
+from config import DEVICES, ArgumentParser, Config, positive_int, validate  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import load_dataset, to_uint8  # noqa: E402
 from data.batcher import DeviceBatcher  # noqa: E402
@@ -44,15 +44,15 @@ def parse_args(argv=None):
     p.add_argument("--data_root", required=True)
     p.add_argument("--out", required=True, help="folder for eval.json and the sample grid")
     p.add_argument("--minutes", type=float, default=20.0, help="training budget (wall clock)")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=positive_int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup_steps", type=int, default=500)
     p.add_argument("--block_out_channels", default="32,64,64", help="UNet2DModel widths per level")
     p.add_argument("--attention_levels", default="1", help="levels with AttnDownBlock2D/AttnUpBlock2D")
-    p.add_argument("--layers_per_block", type=int, default=2)
+    p.add_argument("--layers_per_block", type=positive_int, default=2)
     p.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--sample_steps", type=int, default=50)
-    p.add_argument("--num_samples", type=int, default=2000)
+    p.add_argument("--sample_steps", type=positive_int, default=50)
+    p.add_argument("--num_samples", type=positive_int, default=2000)
     p.add_argument("--classifier_path", help="real-data classifier (default: the suite's usual place)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=DEVICES, default="auto")

@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import AMP_MODES, DEVICES, MAX_GUIDANCE, ArgumentParser  # noqa: E402
+from config import AMP_MODES, DEVICES, MAX_GUIDANCE, ArgumentParser, positive_int  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
 from diffusion.guidance import GUIDANCE_SCHEDULES  # noqa: E402
@@ -39,7 +39,7 @@ def parse_args(argv=None):
                    help="comma-separated noise-level intervals LO:HI of sigma/alpha to guide in, or 'all' "
                         "(default: the run's)")
     p.add_argument("--num_samples", type=int, default=2000)
-    p.add_argument("--batch_size", type=int, default=250)
+    p.add_argument("--batch_size", type=positive_int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier_path")
     p.add_argument("--device", choices=DEVICES, default="auto")
@@ -100,8 +100,8 @@ def main(argv=None):
     scales = guidance_scales(args.guidance)
     asked_schedules = guidance_schedules(args.guidance_schedules) if args.guidance_schedules else None
     asked_intervals = guidance_intervals(args.guidance_intervals) if args.guidance_intervals else None
-    if args.num_samples < 2 or args.batch_size < 1:
-        raise UserError("--num_samples must be at least 2 (a Frechet distance needs two) and --batch_size at least 1")
+    if args.num_samples < 2:
+        raise UserError(f"--num_samples must be at least 2 (a Frechet distance needs two), got {args.num_samples}")
     device = select_device(args.device)
     pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema,
                          overrides=argparse.Namespace(amp=args.amp))

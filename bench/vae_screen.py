@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import ArgumentParser  # noqa: E402
+from config import ArgumentParser, positive_int  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import load_dataset, to_float  # noqa: E402
 from data.batcher import DeviceBatcher  # noqa: E402
@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="folder")
     p.add_argument("--data_root", required=True)
     p.add_argument("--seconds", type=float, default=75)
-    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--batch_size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--betas", default="0.5,0.9")
     p.add_argument("--grad_clip", type=float, default=0.0, help="0: off")
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--deterministic", action="store_true", help="decode the posterior mean, not a sample")
     p.add_argument("--mse", action="store_true", help="add an MSE term to the L1 loss")
     p.add_argument("--classifier_weight", type=float, default=0.0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -58,8 +58,6 @@ def parse_args(argv=None):
     except ValueError:
         raise UserError(f"--betas: {args.betas!r} is not two comma-separated numbers") from None
     checks = [
-        (args.threads >= 1, f"--threads must be at least 1, got {args.threads}"),
-        (args.batch_size >= 1, f"--batch_size must be at least 1, got {args.batch_size}"),
         (math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive number, got {args.lr}"),
         (len(args.betas) == 2 and all(0 <= b < 1 for b in args.betas),
          f"--betas must be two numbers in [0, 1), got {args.betas}"),

@@ -367,6 +367,8 @@ IN_PROCESS = [
      "argument --total_epochs: not a whole number: '3.5'"),
     ("visualize", ["--mode", "samples_grid", "--num_samples", "0"], "argument --num_samples: must be positive, got 0"),
     ("generate", ["--steps", "-2"], "argument --steps: must be positive, got -2"),
+    ("bench.diffusers_recipe", ["--data_root", "x", "--out", "y", "--sample_steps", "0"],
+     "argument --sample_steps: must be positive, got 0"),
 ])
 def test_counts_are_checked_while_parsing(capsys, script, argv, message):
     """config.positive_int: a count below 1 is argparse's own one-line error, before any work."""
