@@ -88,7 +88,13 @@ class OfflineMetrics:
         self._all_train_feats = None
         self.val_images, self.val_labels = real_split(cfg, "val", limit=10000)
         self.val_feats = self.features(self.val_images)
-        self.real_accuracy = self.accuracy(self.val_images, self.val_labels)
+        # The reference accuracy comes from the test images when the dataset has its own: the
+        # classifier's best checkpoint was chosen on the validation images, which flatters it there.
+        test_images, test_labels = real_split(cfg, "test", limit=10000)
+        own_test = split_digest(test_images, test_labels) != split_digest(self.val_images, self.val_labels)
+        self.real_split = "test" if own_test else "val"
+        self.real_accuracy = self.accuracy(*((test_images, test_labels) if own_test else
+                                             (self.val_images, self.val_labels)))
 
     @property
     def all_train_feats(self):
@@ -112,6 +118,7 @@ class OfflineMetrics:
         out = {"sample_accuracy": acc["accuracy"], "sample_accuracy_per_class": acc["per_class"],
                "real_heldout_accuracy": self.real_accuracy["accuracy"],
                "real_heldout_accuracy_per_class": self.real_accuracy["per_class"],
+               "real_heldout_split": self.real_split,
                "accuracy_ratio": acc["accuracy"] / max(self.real_accuracy["accuracy"], 1e-12),
                "classifier_fd": frechet_distance(self.train_feats, feats),
                "classifier_fd_heldout": frechet_distance(self.val_feats, feats),
@@ -219,7 +226,7 @@ def classify_run(pipe, out_dir, args, seed):
 def print_table(result):
     rows = [("samples", result["num_samples"]),
             ("sample accuracy (classifier)", f"{result['sample_accuracy']:.4f}"),
-            ("real held-out accuracy", f"{result['real_heldout_accuracy']:.4f}"),
+            (f"real held-out accuracy ({result['real_heldout_split']})", f"{result['real_heldout_accuracy']:.4f}"),
             ("ratio", f"{result['accuracy_ratio']:.3f}"),
             ("classifier FD (vs train)", f"{result['classifier_fd']:.4f}"),
             ("classifier FD real floor (val vs train)", f"{result['classifier_fd_real_floor']:.4f}"),

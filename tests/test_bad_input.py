@@ -272,6 +272,8 @@ def test_bad_invocation(battery, case):
     mine = [text for text, mtime in battery.changes() if mtime is not None and
             result.started - 1 <= mtime <= result.ended + 1]
     assert not mine, f"files of earlier runs changed while this case ran: {mine}\n{result.describe()}"
+    if case.script == "main.py" and "{fresh}" in case.args:  # refused before its results folder was made
+        assert not (battery.paths.fresh / case.id).exists(), result.describe()
 
 
 # --- a read-only run folder: refused before any work, by every command that writes into it

@@ -189,7 +189,9 @@ def real_classifier(tmp_path_factory, cifar10_root):
     assert main.main(["--train_classifier", "--dataset", "cifar10_catdog", "--data_root", str(cifar10_root),
                       "--epochs", "2", "--results_dir", classifier_dir] + TINY) == 0
     report = json.load(open(os.path.join(classifier_dir, "classifier_report.json")))
-    assert len(report["per_class"]) == 2
+    # The validation images chose the best checkpoint; the official test batch (4 per class) did not.
+    assert len(report["per_class"]) == 2 and report["heldout_images"] == 2  # 10% of 8 per class, at least one
+    assert len(report["test_per_class"]) == 2 and report["test_images"] == 8
     return os.path.join(classifier_dir, "classifier_best.pt")
 
 
@@ -214,6 +216,11 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifie
     assert len(per_class) == 2 and all(0 <= a <= 1 for a in per_class)
     assert result["sample_accuracy"] == pytest.approx(sum(per_class) / 2)
     assert result["classifier_fd_real_floor"] > 0  # held-out against training images: never the same set
+    # The reference accuracy is the classifier's on the test images, which chose no checkpoint.
+    report = json.load(open(os.path.join(os.path.dirname(real_classifier), "classifier_report.json")))
+    assert result["real_heldout_split"] == "test"
+    assert result["real_heldout_accuracy"] == pytest.approx(report["test_accuracy"])
+    assert result["accuracy_ratio"] == pytest.approx(result["sample_accuracy"] / report["test_accuracy"])
     assert os.path.isfile(os.path.join(latent_run, "memorization_closest_pairs.png"))
     assert generate.main(["--classify", "--results_dir", latent_run, "--num_samples", "4", "--device", "cpu"]) == 0
     assert 1 <= json.load(open(os.path.join(latent_run, "classify.json")))["images"] <= 4  # the fixture holds few
@@ -229,6 +236,21 @@ def test_a_classifier_that_held_out_other_images_is_refused(latent_run, real_cla
     assert load_real_classifier(cfg, torch.device("cpu"), real_classifier).heldout_digest
     with pytest.raises(UserError, match="held out other images"):
         load_real_classifier(dataclasses.replace(cfg, val_fraction=0.3), torch.device("cpu"), real_classifier)
+
+
+def test_without_test_images_of_its_own_the_reference_accuracy_is_the_validation_one(image_folder_root, tmp_path):
+    """--val_fraction 0: the official test images are the validation split, so there is no separate
+    test figure, and the offline metrics say which split their reference accuracy comes from."""
+    from evaluation.evaluate import OfflineMetrics, load_real_classifier
+    run = str(tmp_path)
+    assert main.main(["--train_classifier", "--dataset", "folder", "--data_root", str(image_folder_root),
+                      "--image_size", "16", "--val_fraction", "0", "--epochs", "1", "--results_dir", run] + TINY) == 0
+    report = json.load(open(os.path.join(run, "classifier_report.json")))
+    assert report["heldout_images"] == 8 and "test_accuracy" not in report
+    cfg = Config.from_dict(json.load(open(os.path.join(run, "config.json"))))
+    classifier = load_real_classifier(cfg, torch.device("cpu"), os.path.join(run, "classifier_best.pt"))
+    metrics = OfflineMetrics(classifier, cfg, torch.device("cpu"), 2)
+    assert metrics.real_split == "val" and metrics.real_accuracy["accuracy"] == pytest.approx(report["accuracy"])
 
 
 def test_fixed_subsets_mix_the_classes_of_a_sorted_split():

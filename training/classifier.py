@@ -1,5 +1,6 @@
 """The real-data classifier stage (`main.py --train_classifier`): a small ResNet trained on the
-real training split; its held-out accuracy is the reference for the offline sample metrics."""
+real training split; its accuracy on real held-out images is the reference for the offline sample
+metrics."""
 import os
 
 import torch
@@ -104,7 +105,7 @@ def evaluate_classifier(model, images_uint8, labels, num_classes, device):
 
 def train_classifier(cfg, resume=False):
     from training.loop import fit
-    from training.runner import _start, load_splits, resume_state_for
+    from training.runner import _start, load_split, load_splits, resume_state_for
     device, run = _start(cfg)
     state = resume_state_for(cfg, ClassifierStage, resume)
     train, val = load_splits(cfg)
@@ -112,14 +113,27 @@ def train_classifier(cfg, resume=False):
                             flip=cfg.hflip, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size())
     stage = ClassifierStage(cfg, train.class_names, device, val, len(batcher) * cfg.classifier_epochs, run)
     fit(stage, batcher, cfg, run, cfg.classifier_epochs, state)
-    if dist.is_main():  # the held-out report, per class, from the best checkpoint
-        from training.checkpoint import load_checkpoint
-        stage.model.load_state_dict(load_checkpoint(run.path(CLASSIFIER_FILE))["stage"]["model"])
-        report = evaluate_classifier(stage.model, val.images, val.labels, len(train.class_names), device)
-        report["class_names"] = train.class_names
-        report["heldout_images"] = len(val.images)
-        write_json(report, run.path("classifier_report.json"))
-        print(f"held-out accuracy {report['accuracy']:.4f} on {len(val.images)} images")
-        for name, acc in zip(train.class_names, report["per_class"]):
-            print(f"  {name:>24s}: {acc:.4f}")
+    if dist.is_main():
+        write_report(stage, run, train.class_names, val, load_split(cfg, "test"), device)
     return run
+
+
+def write_report(stage, run, class_names, val, test, device):
+    """classifier_report.json from the best checkpoint: accuracy per class on the validation images
+    that chose that checkpoint, and on the test images, which nothing chose, when the dataset has
+    its own (the unbiased figure; without one, test is the validation split itself)."""
+    from training.checkpoint import load_checkpoint
+    stage.model.load_state_dict(load_checkpoint(run.path(CLASSIFIER_FILE))["stage"]["model"])
+    report = evaluate_classifier(stage.model, val.images, val.labels, len(class_names), device)
+    report.update(class_names=list(class_names), heldout_images=len(val.images))
+    rows = [("validation", report, len(val.images))]
+    if split_digest(test.images, test.labels) != split_digest(val.images, val.labels):
+        test_report = evaluate_classifier(stage.model, test.images, test.labels, len(class_names), device)
+        report.update(test_accuracy=test_report["accuracy"], test_per_class=test_report["per_class"],
+                      test_class_counts=test_report["class_counts"], test_images=len(test.images))
+        rows.append(("test", test_report, len(test.images)))
+    write_json(report, run.path("classifier_report.json"))
+    for split, r, count in rows:
+        print(f"{split} accuracy {r['accuracy']:.4f} on {count} images")
+        for name, acc in zip(class_names, r["per_class"]):
+            print(f"  {name:>24s}: {acc:.4f}")

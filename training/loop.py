@@ -134,7 +134,9 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
         last = run.path(stage.last_name)
         return f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was saved yet"
 
-    run.save_config(cfg)  # only now: a run refused before this point leaves an earlier config.json alone
+    # Only now: a run refused before this point leaves no new folder and an earlier config.json alone.
+    run.create()
+    run.save_config(cfg)
 
     budget = 60.0 * max_minutes if max_minutes else None  # None or 0: no budget
     if budget is not None and seconds >= budget and epoch < total_epochs and dist.is_main():

@@ -100,7 +100,8 @@ def autocast(device, amp):
 
 
 def compile_wanted(compile_flag, device):
-    """--compile / --no-compile, or by default on CUDA only (a CPU spends more compiling than it gains)."""
+    """--compile / --no-compile, or by default on CUDA only (on a 2-core CPU the compiled step was slower, after
+    two minutes of compiling: BENCHMARKS.md)."""
     return device.type == "cuda" if compile_flag is None else compile_flag
 
 

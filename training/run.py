@@ -41,9 +41,15 @@ def writable_output(path, flag="--out"):
 class Run:
     def __init__(self, folder, create=True):
         self.folder = folder
-        if create and dist.is_main():
-            writable_folder(os.path.join(folder, "pictures"), "results folder")
-            writable_folder(folder, "results folder")
+        if create:
+            self.create()
+
+    def create(self):
+        """Make the folder (and pictures/) and prove it writable; training does this only once
+        every check has passed, so a refused command leaves no empty folder behind."""
+        if dist.is_main():
+            writable_folder(os.path.join(self.folder, "pictures"), "results folder")
+            writable_folder(self.folder, "results folder")
 
     def path(self, *names):
         return os.path.join(self.folder, *names)

@@ -15,13 +15,16 @@ from training.loop import fit, rng_state, seed_everything, select_device
 from training.run import Run
 
 
+def load_split(cfg, split):
+    """One split of the configured dataset (train: --subset of it, when given)."""
+    return load_dataset(cfg.dataset, cfg.data_root, split, cfg.image_size, download=cfg.download,
+                        subset=cfg.subset if split == "train" else None, val_fraction=cfg.val_fraction,
+                        attribute=cfg.attribute, flowers_splits=cfg.flowers_splits)
+
+
 def load_splits(cfg):
     """The training split and the held-out validation split of the configured dataset."""
-    kwargs = dict(image_size=cfg.image_size, download=cfg.download, val_fraction=cfg.val_fraction,
-                  attribute=cfg.attribute, flowers_splits=cfg.flowers_splits)
-    train = load_dataset(cfg.dataset, cfg.data_root, "train", subset=cfg.subset, **kwargs)
-    val = load_dataset(cfg.dataset, cfg.data_root, "val", **kwargs)
-    return train, val
+    return load_split(cfg, "train"), load_split(cfg, "val")
 
 
 def resume_state_for(cfg, stage_cls, resume, checkpoint_path=None):
@@ -136,8 +139,7 @@ def _start(cfg):
               file=sys.stderr)
     dist.setup(device)
     seed_everything(cfg.seed + dist.rank())
-    run = Run(cfg.results_dir)  # config.json is written by fit(), once every check has passed
-    return device, run
+    return device, Run(cfg.results_dir, create=False)  # fit() creates it once every check has passed
 
 
 def train_vae(cfg, resume=False, checkpoint_path=None, total_epochs=None):
