@@ -109,8 +109,9 @@ class Config:
     warmup_steps: int = 200
     ema_decay: float = 0.999
     grad_clip: float = 1.0
-    patience: int = 10                    # denoiser: stop after this many epochs without a better
-                                          # held-out metric (0: never)
+    patience: int = 10                    # denoiser: stop after this many held-out evaluations (one
+                                          # per epoch, or per --eval_every epochs) without a better
+                                          # metric (0: never)
     # --- real-data classifier (offline metrics) ---
     classifier_epochs: int = 30
     classifier_width: int = 64
