@@ -109,12 +109,13 @@ def train_classifier(cfg, resume=False):
     device, run = _start(cfg)
     state = resume_state_for(cfg, ClassifierStage, resume)
     train, val = load_splits(cfg)
+    test = load_split(cfg, "test")  # read now: a bad test file is refused before training, not after
     batcher = DeviceBatcher(train.images, train.labels, dist.per_rank_batch_size(cfg.classifier_batch_size), device,
                             flip=cfg.hflip, seed=cfg.seed, rank=dist.rank(), world_size=dist.world_size())
     stage = ClassifierStage(cfg, train.class_names, device, val, len(batcher) * cfg.classifier_epochs, run)
     fit(stage, batcher, cfg, run, cfg.classifier_epochs, state)
     if dist.is_main():
-        write_report(stage, run, train.class_names, val, load_split(cfg, "test"), device)
+        write_report(stage, run, train.class_names, val, test, device)
     return run
 
 
