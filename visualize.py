@@ -58,7 +58,7 @@ def main(argv=None):
     out = lambda name: os.path.join(run_dir, name)  # noqa: E731
     if args.mode == "loss_curves":
         from training.run import Run
-        run = Run(run_dir, create=False)
+        run = Run(run_dir)
         written = [p for stage, name in (("vae_gan", "autoencoder_losses.png"),
                                          ("conditional_diffusion", "diffusion_loss.png"),
                                          ("classifier", "classifier_losses.png"))

@@ -74,7 +74,7 @@ def flowers_run(tmp_path_factory, flowers102_root):
 
 def epoch_values(run, stage, epoch):
     """{name: value} that metrics.csv holds for one epoch of a stage (wall-clock time left out)."""
-    rows = [r for r in Run(str(run), create=False).read_metrics()
+    rows = [r for r in Run(str(run)).read_metrics()
             if r["stage"] == stage and int(r["epoch"]) == epoch and r["name"] != "epoch_seconds"]
     return {r["name"]: float(r["value"]) for r in rows}
 

@@ -39,10 +39,8 @@ def writable_output(path, flag="--out"):
 
 
 class Run:
-    def __init__(self, folder, create=True):
-        self.folder = folder
-        if create:
-            self.create()
+    def __init__(self, folder):
+        self.folder = folder  # made by create(), not here: reading a run must not make its folder
 
     def create(self):
         """Make the folder (and pictures/) and prove it writable; training does this only once

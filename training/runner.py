@@ -139,7 +139,7 @@ def _start(cfg):
               file=sys.stderr)
     dist.setup(device)
     seed_everything(cfg.seed + dist.rank())
-    return device, Run(cfg.results_dir, create=False)  # fit() creates it once every check has passed
+    return device, Run(cfg.results_dir)  # fit() creates it once every check has passed
 
 
 def train_vae(cfg, resume=False, checkpoint_path=None, total_epochs=None):
