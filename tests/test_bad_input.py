@@ -343,6 +343,31 @@ def test_read_only_run_folder_is_refused_before_any_work(battery, monkeypatch, c
     assert lines[0].startswith("error: cannot write to the ") and f"{run}: Read-only file system" in lines[0], lines
 
 
+@pytest.mark.parametrize("stage", ["--train_vae", "--train_diffusion", "--train_classifier"])
+def test_training_into_a_read_only_folder_is_refused_before_loading_data(battery, monkeypatch, capsys, tmp_path,
+                                                                          stage):
+    """The results folder is made only once every check has passed; whether it can be made is
+    known at once, before the data are read (and, for a latent denoiser, encoded)."""
+    import main
+    from errors import run_main
+    from training import runner
+
+    def no_loading(*args, **kwargs):
+        pytest.fail("read the data before finding the results folder unwritable")
+    monkeypatch.setattr(runner, "load_splits", no_loading)
+    parent = tmp_path / "read_only"
+    parent.mkdir()
+    _read_only(monkeypatch, parent)
+    run = parent / "run"
+    with one_torch_thread():
+        status = run_main(main.main, [stage, *map(str, TRAIN), "--data_root", str(battery.paths.data),
+                                      "--results_dir", str(run)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0] == f"error: cannot write to the results folder {run}: Read-only file system", lines
+    assert not run.exists()
+
+
 # The same contract checked in-process through run_main (what each script's __main__ runs): a
 # subprocess costs ~4 s of CPU to import torch, too much for cases that need no fresh process.
 IN_PROCESS = [

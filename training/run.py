@@ -16,12 +16,19 @@ from training import distributed as dist
 METRICS_COLUMNS = ["stage", "epoch", "step", "name", "value"]
 
 
-def writable_folder(folder, what="output folder"):
-    """Create `folder` if needed and prove a file can be written in it, before any long work
-    (makedirs succeeds on an existing read-only folder). Returns `folder`."""
+def writable_folder(folder, what="output folder", create=True):
+    """Prove a file can be written in `folder` before any long work (makedirs succeeds on an
+    existing read-only folder), creating it if needed; or, with create=False, without making it:
+    the probe goes into the nearest folder that exists on its path. Returns `folder`."""
+    probe_in = folder
+    if not create:
+        probe_in = os.path.abspath(folder)
+        while not os.path.exists(probe_in):
+            probe_in = os.path.dirname(probe_in)
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write_test", dir=folder)  # unique: runs may share a folder
+        if create:
+            os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test", dir=probe_in)  # unique: runs may share a folder
         os.close(fd)
         os.remove(probe)
     except OSError as e:  # a read-only file system, no permission, a path under a regular file

@@ -12,7 +12,7 @@ from errors import UserError
 from training import distributed as dist
 from training.checkpoint import check_compatible, copy_checkpoint, load_checkpoint
 from training.loop import fit, rng_state, seed_everything, select_device
-from training.run import Run
+from training.run import Run, writable_folder
 
 
 def load_split(cfg, split):
@@ -139,7 +139,9 @@ def _start(cfg):
               file=sys.stderr)
     dist.setup(device)
     seed_everything(cfg.seed + dist.rank())
-    return device, Run(cfg.results_dir)  # fit() creates it once every check has passed
+    if dist.is_main():  # refused now, not after loading and encoding the data; made by fit()
+        writable_folder(cfg.results_dir, "results folder", create=False)
+    return device, Run(cfg.results_dir)
 
 
 def train_vae(cfg, resume=False, checkpoint_path=None, total_epochs=None):
