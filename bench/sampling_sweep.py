@@ -5,6 +5,9 @@ asked for, on the same labels and seeds, with the real features computed once.
     python bench/sampling_sweep.py --results_dir RUN --samplers dpmpp:20,ddim:50 --guidance 1,2,3 \
         [--guidance_schedules constant,linear] [--guidance_intervals all,0.3:5] --num_samples 2000 \
         --out bench/results/NAME.json
+
+Writes the JSON and, beside it under the same name, a plot of accuracy, FD and KID against the
+guidance scale.
 """
 import argparse
 import json
@@ -27,6 +30,7 @@ from pipeline import load_pipeline  # noqa: E402
 from training.loop import select_device  # noqa: E402
 from training.optim import amp_dtype  # noqa: E402
 from training.run import device_name, git_commit, writable_output  # noqa: E402
+from viz.figures import sweep_figure  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -111,6 +115,8 @@ def main(argv=None):
         raise UserError(f"--samplers {','.join(too_long)}: the run's schedule has {timesteps} steps, so a "
                         f"sampler takes 1..{timesteps}")
     out = writable_output(args.out or os.path.join(args.results_dir, "sampling_sweep.json"))
+    if not out.endswith(".json"):  # its figure goes beside it, under the same name with .png
+        raise UserError(f"--out {out}: name a .json file")
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
                              pipe.num_classes)
     schedules = asked_schedules or [pipe.cfg.guidance_schedule]
@@ -142,7 +148,10 @@ def main(argv=None):
               "class_names": pipe.class_names, "rows": rows}
     with open(out, "w") as f:
         json.dump(report, f, indent=2)
+    figure = out[:-len(".json")] + ".png"
+    sweep_figure(rows, figure, title=f"{report['run']}: {args.num_samples} samples, {report['weights']} weights")
     print(out)
+    print(figure)
 
 
 if __name__ == "__main__":

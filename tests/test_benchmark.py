@@ -98,9 +98,10 @@ def not_reached(*args, **kwargs):
 
 def out_paths(args, tmp_path):
     """UNWRITABLE: an --out that cannot be written, even by root (a path under a regular file);
-    FOLDER: an existing folder."""
+    FOLDER: an existing folder; PNG: a writable file that is not .json."""
     (tmp_path / "a_file").write_text("")
-    return [{"UNWRITABLE": tmp_path / "a_file" / "x.json", "FOLDER": tmp_path}.get(a, a) for a in args]
+    named = {"UNWRITABLE": tmp_path / "a_file" / "x.json", "FOLDER": tmp_path, "PNG": tmp_path / "sweep.png"}
+    return [named.get(a, a) for a in args]
 
 
 OUT_CASES = [(["--out", "UNWRITABLE"], "--out"), (["--out", "FOLDER"], "--out")]
@@ -140,7 +141,8 @@ def sweep(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, contains", [
     (["--samplers", "ddim:100,dpmpp:1000"], "--samplers dpmpp:1000:"), (["--guidance", "nan"], "--guidance"),
-    (["--guidance", "2,-1"], "--guidance"), (["--guidance", "1e9"], "--guidance"), *OUT_CASES])
+    (["--guidance", "2,-1"], "--guidance"), (["--guidance", "1e9"], "--guidance"),
+    (["--out", "PNG"], "name a .json file"), *OUT_CASES])
 def test_sampling_sweep_refuses_bad_settings_before_sampling(args, contains, sweep, tmp_path, capsys):
     assert_refused(capsys, sweep(*out_paths(args, tmp_path)), contains)
 

@@ -290,6 +290,8 @@ def test_sampling_sweep_scores_every_setting_with_either_weights(latent_run, rea
     assert [r["guidance_interval"] for r in rows] == [[0, None], [0, 1e-6]] * 2
     assert rows[0]["classifier_fd"] == rows[1]["classifier_fd"] == rows[3]["classifier_fd"] != rows[2]["classifier_fd"]
     reports = {w: json.load(open(path)) for w, path in out.items()}
+    for path in out.values():  # each JSON with its plot beside it
+        assert imageio.imread(path[:-len(".json")] + ".png").shape[1] > 1000
     assert [reports[w]["weights"] for w in out] == ["ema", "raw", "ema"]
     assert [reports[w]["amp"] for w in out] == ["auto", "auto", "bf16"]  # the run's, or the one asked for
     assert reports["bf16"]["compute_dtype"] == "torch.bfloat16"  # what "auto" or "bf16" came to here

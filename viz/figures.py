@@ -234,6 +234,36 @@ def denoising_path_figure(pipe, label, real_latents, real_labels, path, num_samp
     plt.close(fig)
 
 
+def sweep_figure(rows, path, title=None):
+    """A sampling sweep's trade-off: sample accuracy, Frechet distance and KID (with its standard
+    error) against the guidance scale, one line per sampler, steps, guidance schedule and interval;
+    dashed, the real held-out images' accuracy and FD."""
+    series = defaultdict(list)
+    for r in rows:
+        lo, hi = r["guidance_interval"]
+        interval = "" if lo == 0 and hi is None else f", in ({lo:g}, {hi:g}]"
+        series[f"{r['sampler']} {r['steps']}, {r['guidance_schedule']}{interval}"].append(r)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = [("sample_accuracy", "sample accuracy", "real_heldout_accuracy"),
+              ("classifier_fd", "classifier FD", "classifier_fd_real_floor"), ("classifier_kid", "KID", None)]
+    for ax, (key, name, real) in zip(axes, panels):
+        for label, points in series.items():
+            points = sorted(points, key=lambda r: r["guidance_scale"])
+            scales = [r["guidance_scale"] for r in points]
+            errors = [r["classifier_kid_std"] for r in points] if key == "classifier_kid" else None
+            ax.errorbar(scales, [r[key] for r in points], yerr=errors, marker="o", ms=4, capsize=3, label=label)
+        if real and rows[0].get(real) is not None:
+            ax.axhline(rows[0][real], color="gray", ls="--", lw=1, label="real held-out images")
+        ax.set_xlabel("guidance scale", fontsize=8)
+        ax.set_title(name, fontsize=9)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def save_individual(images, folder, prefix):
     """One PNG per image, numbered; numbered images left by an earlier, larger call are removed so
     that the folder holds exactly this set (tools that score a folder of images would mix them)."""
@@ -253,4 +283,5 @@ def save_individual(images, folder, prefix):
 
 __all__ = ["save_grid", "labelled_rows", "plot_losses", "class_sample_grid", "reconstruction_grid",
            "denoising_steps_figure", "denoising_animation", "forward_process_figure",
-           "steps_comparison_figure", "latent_space_figure", "denoising_path_figure", "save_individual"]
+           "steps_comparison_figure", "latent_space_figure", "denoising_path_figure", "sweep_figure",
+           "save_individual"]
