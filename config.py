@@ -95,7 +95,7 @@ class Config:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction: str = "v"
-    loss_weighting: str = "uniform"
+    loss_weighting: str = "min_snr"       # min-SNR-5 (BENCHMARKS.md: three seeds against uniform)
     label_dropout: float = 0.1
     loss: str = "mse"                     # mse | balanced (S2's MSE + L1 + cosine + Laplacian + Sobel)
     timestep_sampling: str = "uniform"    # uniform | adaptive (importance sampling by loss)
@@ -122,11 +122,12 @@ class Config:
     eval_samples: int = 500
     classifier_path: str | None = None    # default: results/<dataset>_classifier/classifier_best.pt
     # --- sampling ---
-    # DPM-Solver++ has converged at 20 steps; guidance 16 ramped up linearly over the steps (none
-    # while the layout forms) scored the lowest FD for each of three training seeds.
+    # DPM-Solver++ has converged at 20 steps; guidance ramped up linearly over the steps (none
+    # while the layout forms) scored lower FD than constant for each of three training seeds; a
+    # min-SNR-weighted denoiser scores its lowest FD at 11 (16 over-guides it).
     sampler: str = "dpmpp"
     steps: int = 20
-    guidance_scale: float = 16.0
+    guidance_scale: float = 11.0
     guidance_schedule: str = "linear"
     guidance_interval: tuple | None = None  # (lo, hi]: guide only where lo < sigma_t / alpha_t <= hi
 
@@ -161,12 +162,13 @@ class Config:
 
 # The seeds' settings where the measured defaults depart from them: the full attention VAE-GAN
 # (attention in every block, VGG16 perceptual and PatchGAN losses, 4 latent channels, batch 128,
-# constant lr) for 1200 epochs, a wide two-level latent UNet for 800, no wall-clock budgets.
+# constant lr) for 1200 epochs, a wide two-level latent UNet for 800 with an unweighted loss, no
+# wall-clock budgets.
 SEEDS = dict(vae_epochs=1200, vae_batch_size=128, vae_lr=2e-4, vae_grad_clip=1.0, vae_lr_schedule="constant",
              vae_minutes=None, vae_base_channels=64, vae_res_blocks=1, vae_block_attention=True, latent_channels=4,
              kl_warmup_epochs=10, perceptual_weight=0.1, adv_weight=0.05,
              base_channels=128, channel_mults=(1, 2), attention_resolutions=(8, 4), lr=2e-4, warmup_steps=500,
-             diffusion_epochs=800, diffusion_minutes=None, guidance_schedule="constant")
+             loss_weighting="uniform", diffusion_epochs=800, diffusion_minutes=None, guidance_schedule="constant")
 
 # Named presets: overrides applied on top of the dataset and model recipes.
 PRESETS = {
@@ -207,16 +209,17 @@ S3_SCHEDULE = dict(kl_start_epoch=0, kl_warmup_epochs=20, class_loss_start_epoch
 # Per-dataset recipes: 64x64 images get one more VAE level, so the latent stays 8x8, and S3's
 # stage schedule, with KL and the class losses from the start in a short run. A 64x64 VAE is what
 # bounds the samples: 9 of the 20 minutes go to it (epochs: what fits in 9 minutes on the CPU), not
-# 4 (measured on both datasets: BENCHMARKS.md). A recipe's "presets" entry holds its settings under
+# 4 (measured on both datasets: BENCHMARKS.md). Their denoisers keep the uniform loss weighting and
+# guidance 16 they were measured with (min-SNR was measured on 32x32 cats and dogs only). A recipe's "presets" entry holds its settings under
 # a named preset, applied after that preset's own: the seeds' runs get S3's schedule as it was.
 RECIPE_64 = {**S3_SCHEDULE, **dict(kl_warmup_epochs=2, class_loss_start_epoch=0, vae_channel_mults=(1, 2, 2, 4),
-                                   vae_minutes=9, diffusion_minutes=11,
+                                   vae_minutes=9, diffusion_minutes=11, loss_weighting="uniform", guidance_scale=16.0,
                                    presets={name: S3_SCHEDULE for name in ("s1", "s4")})}
 DATASET_RECIPES = {
     "celeba_smiling": dict(**RECIPE_64, vae_epochs=6),
     # 102 classes in one 256-dim latent: S5's center loss with repulsion keeps the centers apart.
     # Guidance 16 (from cats and dogs) was the worst scale here; 8 the best.
-    "flowers102": dict(**RECIPE_64, vae_epochs=8, repulsion_weight=0.01, guidance_scale=8.0),
+    "flowers102": {**RECIPE_64, **dict(vae_epochs=8, repulsion_weight=0.01, guidance_scale=8.0)},
 }
 
 # Per-model defaults for the other denoisers.
