@@ -97,6 +97,36 @@ def test_minutes_budget_stops_at_the_last_epoch_that_fits_and_counts_across_resu
     assert unbudgeted.validated == 20
 
 
+@pytest.mark.parametrize("schedule, planned, says", [("cosine", 20, "still 79% of its peak"), ("cosine", 6, None),
+                                                    ("constant", 20, None)])
+def test_a_budget_that_stops_a_decaying_learning_rate_short_says_so(tmp_path, monkeypatch, capsys, schedule,
+                                                                     planned, says):
+    """The stop names what the budget cut: a cosine planned over 20 epochs and stopped after 6 is
+    at 79% of its peak; one planned over the 6 that fit, or a constant rate, lost nothing."""
+    import training.loop as loop
+    from training.optim import lr_factor
+    clock = FakeClock()
+    monkeypatch.setattr(loop, "time", clock)
+
+    class DecayingStage(StubStage):
+        def train_step(self, x, y, epoch):
+            clock.now += 10.0
+            return super().train_step(x, y, epoch)
+
+        def lr_share(self, epoch):
+            return lr_factor(schedule, epoch / planned)
+
+    stage = DecayingStage([1.0] * 20)
+    fit(stage, OneBatch(), Config(patience=0, picture_every=100), Run(str(tmp_path)), total_epochs=20,
+        max_minutes=1.0)
+    stop = [line for line in capsys.readouterr().out.splitlines() if "stopping at epoch 6" in line]
+    assert len(stop) == 1, stop
+    if says:
+        assert says in stop[0] and stop[0].endswith("plan 6 epochs to finish the decay within this budget on this device")
+    else:
+        assert "learning rate" not in stop[0]
+
+
 def test_resume_under_another_best_metric_starts_its_record_afresh(tmp_path):
     """A run resumed with another --eval_every ranks checkpoints by another metric: the saved best
     (a loss) must not be compared with the new metric's values (an FD), nor count as patience."""

@@ -42,9 +42,8 @@ class DenoiserStage:
         self.opt = make_optimizer(self.model.parameters(), cfg.lr, cfg.weight_decay, device=device)
         # --lr_schedule: a function of the fractional epoch just trained (of --diffusion_epochs), like
         # the VAE's, so a resumed run follows it exactly; the optimizer's saved lr is the next step's.
-        self.progress = 0.0
-        self.sched = warmup_schedule(self.opt, cfg.warmup_steps,
-                                     lambda: lr_factor(cfg.lr_schedule, self.progress))
+        self.epochs_done = 0.0
+        self.sched = warmup_schedule(self.opt, cfg.warmup_steps, lambda: self.lr_share(self.epochs_done))
         self.scaler = make_scaler(device, cfg.amp)
         self.schedule = make_schedule(cfg)
         self.loss_fn = DiffusionLoss(self.schedule, cfg.prediction, cfg.loss_weighting, terms=cfg.loss,
@@ -67,8 +66,13 @@ class DenoiserStage:
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         return (z - self.latent_shift) / self.latent_scale
 
+    def lr_share(self, epoch):
+        """The learning rate's share of its peak after `epoch` (fractional) epochs, warm-up aside:
+        --lr_schedule over --diffusion_epochs."""
+        return lr_factor(self.cfg.lr_schedule, epoch / max(self.cfg.diffusion_epochs, 1))
+
     def train_step(self, x, y, epoch):
-        self.progress = epoch / max(self.cfg.diffusion_epochs, 1)
+        self.epochs_done = epoch
         x0 = self.prepare(x)
         if self.device.type == "cuda":
             x0 = x0.contiguous(memory_format=torch.channels_last)

@@ -83,6 +83,16 @@ class _SignalCatcher:
             signal.signal(s, handler)
 
 
+def undecayed_lr(stage, epoch):
+    """What a budget that stops a decaying learning rate short should say: on a slower device than
+    the one a recipe's epochs were fitted to, the lr never reaches its low end."""
+    share = stage.lr_share(epoch) if hasattr(stage, "lr_share") else 1.0
+    if share >= 1.0 or share < 0.01:
+        return ""
+    return (f"; its learning rate is still {share:.0%} of its peak, planned to decay over more epochs: "
+            f"plan {epoch} epochs to finish the decay within this budget on this device")
+
+
 def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minutes=None):
     """Train `stage` until `total_epochs` epochs are done, or until the next epoch would overrun
     `max_minutes` of training time (counted across resumes): the steps and the held-out
@@ -217,7 +227,8 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
             out_of_time = dist.any_across_ranks(out_of_time)
             if out_of_time and dist.is_main():
                 tqdm.write(f"[{stage.kind}] stopping at epoch {epoch}: another epoch would pass the "
-                           f"{max_minutes:g}-minute budget ({seconds / 60:.1f} min used; --minutes 0: no budget)")
+                           f"{max_minutes:g}-minute budget ({seconds / 60:.1f} min used; --minutes 0: no budget)"
+                           + undecayed_lr(stage, epoch))
             stop_early = stop_early or out_of_time
             if epoch % cfg.checkpoint_every == 0 or epoch == total_epochs or stop_early:
                 checkpoint(stage.last_name)

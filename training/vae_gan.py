@@ -132,10 +132,15 @@ class VAEGANStage:
         self.scaler_g, self.scaler_d = make_scaler(device, cfg.amp), make_scaler(device, cfg.amp)  # one per optimizer
         self.val_images, self.val_labels = val_set.images[:2000], val_set.labels[:2000]
 
+    def lr_share(self, epoch):
+        """The learning rate's share of its peak after `epoch` (fractional) epochs: --vae_lr_schedule
+        over --vae_epochs. A function of the epoch, like the loss weights, so a resumed run follows it
+        exactly."""
+        return lr_factor(self.cfg.vae_lr_schedule, epoch / max(self.cfg.vae_epochs, 1))
+
     def train_step(self, x, y, epoch):
         cfg, w = self.cfg, loss_weights(self.cfg, epoch)
-        # A function of the fractional epoch, like the loss weights, so a resumed run follows it exactly.
-        lr = cfg.vae_lr * lr_factor(cfg.vae_lr_schedule, epoch / max(cfg.vae_epochs, 1))
+        lr = cfg.vae_lr * self.lr_share(epoch)
         for group in (*self.opt_g.param_groups, *self.opt_d.param_groups):
             group["lr"] = lr
         with autocast(self.device, cfg.amp):
