@@ -209,9 +209,10 @@ S3_SCHEDULE = dict(kl_start_epoch=0, kl_warmup_epochs=20, class_loss_start_epoch
 # Per-dataset recipes: 64x64 images get one more VAE level, so the latent stays 8x8, and S3's
 # stage schedule, with KL and the class losses from the start in a short run. A 64x64 VAE is what
 # bounds the samples: 9 of the 20 minutes go to it (epochs: what fits in 9 minutes on the CPU), not
-# 4 (measured on both datasets: BENCHMARKS.md). Their denoisers keep the uniform loss weighting and
-# guidance 16 they were measured with (min-SNR was measured on 32x32 cats and dogs only). A recipe's "presets" entry holds its settings under
-# a named preset, applied after that preset's own: the seeds' runs get S3's schedule as it was.
+# 4 (measured on both datasets: BENCHMARKS.md). Their denoisers keep uniform loss weighting and
+# guidance 16: min-SNR, better on 32x32 cats and dogs, was worse on CelebA at every scale. A recipe's
+# "presets" entry holds its settings under a named preset, applied after that preset's own: the
+# seeds' runs get S3's schedule as it was.
 RECIPE_64 = {**S3_SCHEDULE, **dict(kl_warmup_epochs=2, class_loss_start_epoch=0, vae_channel_mults=(1, 2, 2, 4),
                                    vae_minutes=9, diffusion_minutes=11, loss_weighting="uniform", guidance_scale=16.0,
                                    presets={name: S3_SCHEDULE for name in ("s1", "s4")})}
