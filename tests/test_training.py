@@ -66,9 +66,10 @@ class FakeClock:
         return self.now
 
 
-def test_minutes_budget_stops_at_the_last_epoch_that_fits_and_counts_across_resumes(tmp_path, monkeypatch):
+@pytest.fixture
+def timed_stage(monkeypatch):
+    """A stub stage whose every training step takes 10 s of the loop's (fake) clock."""
     import training.loop as loop
-    from training.checkpoint import load_checkpoint
     clock = FakeClock()
     monkeypatch.setattr(loop, "time", clock)
 
@@ -76,7 +77,12 @@ def test_minutes_budget_stops_at_the_last_epoch_that_fits_and_counts_across_resu
         def train_step(self, x, y, epoch):
             clock.now += 10.0
             return super().train_step(x, y, epoch)
+    return TimedStage
 
+
+def test_minutes_budget_stops_at_the_last_epoch_that_fits_and_counts_across_resumes(tmp_path, timed_stage):
+    from training.checkpoint import load_checkpoint
+    TimedStage = timed_stage
     cfg = Config(patience=0, picture_every=100)
     stage = TimedStage([1.0] * 20)
     fit(stage, OneBatch(), cfg, Run(str(tmp_path)), total_epochs=20, max_minutes=1.0)
@@ -99,20 +105,13 @@ def test_minutes_budget_stops_at_the_last_epoch_that_fits_and_counts_across_resu
 
 @pytest.mark.parametrize("schedule, planned, says", [("cosine", 20, "still 79% of its peak"), ("cosine", 6, None),
                                                     ("constant", 20, None)])
-def test_a_budget_that_stops_a_decaying_learning_rate_short_says_so(tmp_path, monkeypatch, capsys, schedule,
+def test_a_budget_that_stops_a_decaying_learning_rate_short_says_so(tmp_path, timed_stage, capsys, schedule,
                                                                      planned, says):
     """The stop names what the budget cut: a cosine planned over 20 epochs and stopped after 6 is
     at 79% of its peak; one planned over the 6 that fit, or a constant rate, lost nothing."""
-    import training.loop as loop
     from training.optim import lr_factor
-    clock = FakeClock()
-    monkeypatch.setattr(loop, "time", clock)
 
-    class DecayingStage(StubStage):
-        def train_step(self, x, y, epoch):
-            clock.now += 10.0
-            return super().train_step(x, y, epoch)
-
+    class DecayingStage(timed_stage):
         def lr_share(self, epoch):
             return lr_factor(schedule, epoch / planned)
 
