@@ -209,10 +209,10 @@ S3_SCHEDULE = dict(kl_start_epoch=0, kl_warmup_epochs=20, class_loss_start_epoch
 # Per-dataset recipes: 64x64 images get one more VAE level, so the latent stays 8x8, and S3's
 # stage schedule, with KL and the class losses from the start in a short run. A 64x64 VAE is what
 # bounds the samples: 9 of the 20 minutes go to it (epochs: what fits in 9 minutes on the CPU), not
-# 4 (measured on both datasets: BENCHMARKS.md). Their denoisers keep uniform loss weighting (min-SNR,
-# better on 32x32 cats and dogs, was worse on CelebA at every scale) and sample at guidance 8: the
-# cats/dogs scales were worse on both (Flowers102: 16 worst, 8 best; CelebA, three seeds: 8 best on
-# mean FD and KID, 16 worst). A recipe's
+# 4 (measured on both datasets: BENCHMARKS.md). They sample at guidance 8: the cats/dogs scales were
+# worse on both (Flowers102: 16 worst, 8 best; CelebA, three seeds: 8 best on mean FD and KID, 16
+# worst). Loss weighting as measured per dataset: CelebA keeps uniform (min-SNR was worse at every
+# scale), Flowers102 takes min-SNR (better on every metric, two seeds). A recipe's
 # "presets" entry holds its settings under a named preset, applied after that preset's own: the
 # seeds' runs get S3's schedule as it was.
 RECIPE_64 = {**S3_SCHEDULE, **dict(kl_warmup_epochs=2, class_loss_start_epoch=0, vae_channel_mults=(1, 2, 2, 4),
@@ -221,7 +221,7 @@ RECIPE_64 = {**S3_SCHEDULE, **dict(kl_warmup_epochs=2, class_loss_start_epoch=0,
 DATASET_RECIPES = {
     "celeba_smiling": dict(**RECIPE_64, vae_epochs=6),
     # 102 classes in one 256-dim latent: S5's center loss with repulsion keeps the centers apart.
-    "flowers102": {**RECIPE_64, **dict(vae_epochs=8, repulsion_weight=0.01)},
+    "flowers102": {**RECIPE_64, **dict(vae_epochs=8, repulsion_weight=0.01, loss_weighting="min_snr")},
 }
 
 # Per-model defaults for the other denoisers.

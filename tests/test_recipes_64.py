@@ -122,8 +122,9 @@ def test_flowers_recipe_has_repulsion_and_flags_override_the_recipe():
 
 
 def test_64x64_recipes_carry_their_measured_budget_split_and_flags_still_win():
-    """Each 64x64 recipe gives the VAE 9 of the 20 minutes, keeps the uniform loss weighting and
-    guidance they were measured with (8, not the cats/dogs 11), with or without the cpu preset;
+    """Each 64x64 recipe gives the VAE 9 of the 20 minutes, keeps the loss weighting and guidance
+    it was measured best with (guidance 8, not the cats/dogs 11; min-SNR on Flowers102 only), with
+    or without the cpu preset;
     cats/dogs keeps the defaults' 4 + 16 and their min-SNR weighting; the seeds' preset has no
     budget; a flag wins over all of them."""
     for preset in ((), ("--preset", "cpu")):
@@ -131,7 +132,7 @@ def test_64x64_recipes_carry_their_measured_budget_split_and_flags_still_win():
         assert (celeba.vae_minutes, celeba.diffusion_minutes, celeba.vae_epochs) == (9, 11, 6)
         assert (flowers.vae_minutes, flowers.diffusion_minutes, flowers.vae_epochs) == (9, 11, 8)
         assert (celeba.guidance_scale, flowers.guidance_scale) == (8, 8)
-        assert (celeba.loss_weighting, flowers.loss_weighting) == ("uniform", "uniform")
+        assert (celeba.loss_weighting, flowers.loss_weighting) == ("uniform", "min_snr")
         assert celeba.latent_channels == Config.latent_channels
         catdog = recipe_config("cifar10_catdog", *preset)
         assert (catdog.vae_minutes, catdog.diffusion_minutes, catdog.guidance_scale, catdog.loss_weighting) == (
@@ -140,6 +141,7 @@ def test_64x64_recipes_carry_their_measured_budget_split_and_flags_still_win():
     assert recipe_config("flowers102", "--preset", "cpu").amp == PRESETS["cpu"]["amp"] != Config.amp
     seeds = recipe_config("flowers102", "--preset", "s1")
     assert seeds.vae_minutes is None and seeds.guidance_scale == PRESETS["s1"]["guidance_scale"]
+    assert seeds.loss_weighting == PRESETS["s1"]["loss_weighting"] == "uniform"  # the seeds' plain loss
     flagged = recipe_config("flowers102", "--preset", "cpu", "--guidance_scale", "16", "--vae_minutes", "4")
     assert (flagged.guidance_scale, flagged.vae_minutes, flagged.diffusion_minutes) == (16, 4, 11)
 
