@@ -211,17 +211,17 @@ S3_SCHEDULE = dict(kl_start_epoch=0, kl_warmup_epochs=20, class_loss_start_epoch
 # bounds the samples: 9 of the 20 minutes go to it (epochs: what fits in 9 minutes on the CPU), not
 # 4 (measured on both datasets: BENCHMARKS.md). They sample at guidance 8: the cats/dogs scales were
 # worse on both (Flowers102: 16 worst, 8 best; CelebA, three seeds: 8 best on mean FD and KID, 16
-# worst). Loss weighting as measured per dataset: CelebA keeps uniform (min-SNR was worse at every
-# scale), Flowers102 takes min-SNR (better on every metric, two seeds). A recipe's
+# worst). Loss weighting as measured per dataset: CelebA's is uniform (min-SNR was worse at every
+# scale), Flowers102 keeps the default min-SNR (better on every metric, two seeds). A recipe's
 # "presets" entry holds its settings under a named preset, applied after that preset's own: the
 # seeds' runs get S3's schedule as it was.
 RECIPE_64 = {**S3_SCHEDULE, **dict(kl_warmup_epochs=2, class_loss_start_epoch=0, vae_channel_mults=(1, 2, 2, 4),
-                                   vae_minutes=9, diffusion_minutes=11, loss_weighting="uniform", guidance_scale=8.0,
+                                   vae_minutes=9, diffusion_minutes=11, guidance_scale=8.0,
                                    presets={name: S3_SCHEDULE for name in ("s1", "s4")})}
 DATASET_RECIPES = {
-    "celeba_smiling": dict(**RECIPE_64, vae_epochs=6),
+    "celeba_smiling": dict(**RECIPE_64, vae_epochs=6, loss_weighting="uniform"),
     # 102 classes in one 256-dim latent: S5's center loss with repulsion keeps the centers apart.
-    "flowers102": {**RECIPE_64, **dict(vae_epochs=8, repulsion_weight=0.01, loss_weighting="min_snr")},
+    "flowers102": {**RECIPE_64, **dict(vae_epochs=8, repulsion_weight=0.01)},
 }
 
 # Per-model defaults for the other denoisers.
