@@ -98,7 +98,8 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
     `max_minutes` of training time (counted across resumes): the steps and the held-out
     evaluation, not pictures or checkpoint writes, so --picture_every does not change what a
     budget buys. `stage` provides kind, train_step,
-    validate, pictures, state_dict/load_state_dict, best_metric ("name", "min"|"max")."""
+    validate, pictures, state_dict/load_state_dict, best_metric ("name", "min"|"max"), and, where a
+    budget can cut its learning-rate decay short, lr_share(epoch) (the lr's share of its peak)."""
     epoch, step, skip_batches, best, since_best, seconds = 0, 0, 0, None, 0, 0.0
     partial = ({}, 0)  # loss sums and count of the batches of a stopped epoch done before the stop
     batching = [getattr(batcher, "batch_size", None), dist.world_size()]
