@@ -174,9 +174,12 @@ def main(argv=None):
 def main_and_teardown(argv=None):
     from training import distributed
     try:
-        return main(argv)
-    finally:
-        distributed.teardown()
+        status = main(argv)
+    except BaseException:
+        distributed.teardown(finished=False)
+        raise
+    distributed.teardown()
+    return status
 
 
 if __name__ == "__main__":

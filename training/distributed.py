@@ -39,9 +39,16 @@ def setup(device):
     torch_dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
 
 
-def teardown():
-    if torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
+def teardown(finished=True):
+    """Leave the process group. After a normal finish every rank first waits for the others: gloo
+    could abort a rank at exit ("terminate called without an active exception") when its peer
+    tore down while its last collective was still in flight. After an error there is no barrier,
+    since the other ranks may never reach it."""
+    if not torch_dist.is_initialized():
+        return
+    if finished:
+        torch_dist.barrier()
+    torch_dist.destroy_process_group()
 
 
 def wrap(model, device):
