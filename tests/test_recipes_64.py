@@ -124,9 +124,8 @@ def test_flowers_recipe_has_repulsion_and_flags_override_the_recipe():
 def test_64x64_recipes_carry_their_measured_budget_split_and_flags_still_win():
     """Each 64x64 recipe gives the VAE 9 of the 20 minutes, keeps the loss weighting and guidance
     it was measured best with (guidance 8, not the cats/dogs 11; min-SNR on Flowers102 only), with
-    or without the cpu preset;
-    cats/dogs keeps the defaults' 4 + 16 and their min-SNR weighting; the seeds' preset has no
-    budget; a flag wins over all of them."""
+    or without the cpu preset; cats/dogs keeps the defaults' 4 + 16 and their min-SNR weighting;
+    the seeds' preset has no budget; a flag wins over all of them."""
     for preset in ((), ("--preset", "cpu")):
         celeba, flowers = recipe_config("celeba_smiling", *preset), recipe_config("flowers102", *preset)
         assert (celeba.vae_minutes, celeba.diffusion_minutes, celeba.vae_epochs) == (9, 11, 6)
