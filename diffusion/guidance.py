@@ -14,15 +14,17 @@ GUIDANCE_SCHEDULES = ("constant", "linear", "adaptive")
 def guidance_scale_at(scale, schedule, progress):
     """The scale at `progress` in [0, 1] (0 = first, noisiest step). 'adaptive' is S2's:
     half the extra guidance early, the full amount in the middle, 1.5x late; 'linear' ramps
-    the extra guidance from 0 to 2x. Both average to the constant scale over a run."""
+    the extra guidance from 0 to 2x (its mean over a run is the constant scale, adaptive's
+    nearly). Schedules shape guidance above 1 only: a scale at or below 1 stays constant, since
+    ramping 0 (unconditional) would pass through the conditional model to anti-guidance."""
+    if schedule not in GUIDANCE_SCHEDULES:
+        raise ValueError(f"unknown guidance schedule {schedule!r}")
     extra = scale - 1.0
-    if schedule == "constant":
+    if schedule == "constant" or extra <= 0:
         return scale
     if schedule == "linear":
         return 1.0 + extra * 2.0 * progress
-    if schedule == "adaptive":
-        return 1.0 + extra * (0.5 if progress < 1 / 3 else 1.0 if progress < 2 / 3 else 1.5)
-    raise ValueError(f"unknown guidance schedule {schedule!r}")
+    return 1.0 + extra * (0.5 if progress < 1 / 3 else 1.0 if progress < 2 / 3 else 1.5)  # adaptive
 
 
 def in_guidance_interval(schedule, t, interval):
@@ -45,7 +47,8 @@ def make_denoiser(model, schedule, prediction, labels, null_label, guidance_scal
     calls = {"n": 0}
 
     def denoise(x, t):
-        progress = min(calls["n"] / max((steps or 1) - 1, 1), 1.0)
+        # a single step sits in the middle of its ramp, so it is guided at the scale asked for
+        progress = 0.5 if steps == 1 else min(calls["n"] / max((steps or 1) - 1, 1), 1.0)
         calls["n"] += 1
         w = guidance_scale_at(guidance_scale, guidance_schedule, progress)
         if not in_guidance_interval(schedule, t, guidance_interval):

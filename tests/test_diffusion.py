@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion import gaussian
-from diffusion.guidance import guidance_scale_at, make_denoiser
+from diffusion.guidance import GUIDANCE_SCHEDULES, guidance_scale_at, make_denoiser
 from diffusion.objective import DiffusionLoss, loss_weight, target_for, to_x0_eps
 from diffusion.samplers import SAMPLERS, ddim, ddpm, dpmpp_2m
 from diffusion.samplers import sample as run_sampler
@@ -248,18 +248,33 @@ def test_guidance_schedules_average_to_the_constant_scale():
     assert [guidance_scale_at(3.0, "linear", p) for p in (0.0, 0.5, 1.0)] == [1.0, 3.0, 5.0]
 
 
+class ScaleSpy(torch.nn.Module):
+    """The unconditional half (label 2) outputs 0, the conditional one 1: an x0 estimate = w."""
+
+    def forward(self, x, t, y):
+        return (y < 2).float().view(-1, 1) * torch.ones_like(x)
+
+
+def scales_seen(scale, schedule, steps):
+    den = make_denoiser(ScaleSpy(), NoiseSchedule("cosine", 100), "x0", torch.tensor([0]), null_label=2,
+                        guidance_scale=scale, guidance_schedule=schedule, steps=steps)
+    return [float(den(torch.zeros(1, 1), torch.tensor([t]))[0]) for t in torch.linspace(90, 0, steps).long()]
+
+
 def test_guidance_ramp_follows_the_samplers_steps():
-    sched, seen = NoiseSchedule("cosine", 100), []
+    assert scales_seen(3.0, "linear", 4) == pytest.approx([1.0, 7 / 3, 11 / 3, 5.0])
 
-    class ScaleSpy(torch.nn.Module):  # the unconditional half outputs 0, the conditional 1: out = w
-        def forward(self, x, t, y):
-            return (y < 2).float().view(-1, 1) * torch.ones_like(x)
 
-    den = make_denoiser(ScaleSpy(), sched, "x0", torch.tensor([0]), null_label=2, guidance_scale=3.0,
-                        guidance_schedule="linear", steps=4)
-    for t in (90, 60, 30, 0):
-        seen.append(float(den(torch.zeros(1, 1), torch.tensor([t]))[0]))
-    assert seen == pytest.approx([1.0, 7 / 3, 11 / 3, 5.0])
+@pytest.mark.parametrize("schedule", GUIDANCE_SCHEDULES)
+def test_scales_up_to_one_are_not_ramped(schedule):
+    """0 is the unconditional model at every step (a ramp would run from conditional to -1)."""
+    assert scales_seen(0.0, schedule, 5) == [0.0] * 5
+    assert scales_seen(0.5, schedule, 5) == [0.5] * 5
+
+
+@pytest.mark.parametrize("schedule", GUIDANCE_SCHEDULES)
+def test_a_single_step_is_guided_at_the_scale_asked_for(schedule):
+    assert scales_seen(3.0, schedule, 1) == [3.0]
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
