@@ -39,10 +39,12 @@ _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
 def _filter(x, kernel):
-    """The same 3x3 kernel on every channel."""
+    """The same 3x3 kernel on every channel, in float32 even under autocast: differences of
+    neighbouring pixels near clean data are below bf16's resolution."""
     c = x.shape[1]
-    weight = kernel.to(x).view(1, 1, 3, 3).expand(c, 1, 3, 3)
-    return torch.nn.functional.conv2d(x, weight, padding=1, groups=c)
+    weight = kernel.to(x.device).view(1, 1, 3, 3).expand(c, 1, 3, 3)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.conv2d(x.float(), weight, padding=1, groups=c)
 
 
 def balanced_terms(output, target, x0_hat, x0, abar):
@@ -67,7 +69,10 @@ class AdaptiveTimesteps:
     the objective stays the same in expectation."""
 
     def __init__(self, timesteps, bins=20, decay=0.99, uniform=0.1):
+        bins = min(bins, timesteps)  # no empty bin
         self.timesteps, self.bins, self.decay, self.uniform = timesteps, bins, decay, uniform
+        # integer bin edges, so that sample() and update() put every timestep in the same bin
+        self.edges = torch.arange(bins + 1) * timesteps // bins
         self.mean_sq = None
 
     def probabilities(self, device):
@@ -79,13 +84,14 @@ class AdaptiveTimesteps:
     def sample(self, n, device):
         p = self.probabilities(device)
         b = torch.multinomial(p, n, replacement=True)
-        width = self.timesteps / self.bins
-        t = (b * width + torch.rand(n, device=device) * width).long().clamp(max=self.timesteps - 1)
-        return t, 1.0 / (self.bins * p[b])  # p(t) = p(bin) / width, so 1 / (T p(t)) = 1 / (bins p(bin))
+        edges = self.edges.to(device)
+        width = edges[b + 1] - edges[b]
+        t = edges[b] + (torch.rand(n, device=device) * width).long().clamp(max=width - 1)
+        return t, width / (self.timesteps * p[b])  # p(t) = p(bin) / width: the weight is 1 / (T p(t))
 
     def update(self, t, losses):
         self.probabilities(t.device)  # initialises the running means
-        b = (t * self.bins // self.timesteps).clamp(max=self.bins - 1)
+        b = torch.bucketize(t, self.edges[1:].to(t.device), right=True)
         sums = torch.zeros(self.bins, device=t.device).index_add_(0, b, losses.detach().float().pow(2))
         counts = torch.zeros(self.bins, device=t.device).index_add_(0, b, torch.ones_like(losses, dtype=torch.float))
         seen = counts > 0

@@ -187,6 +187,36 @@ def test_adaptive_timesteps_are_unbiased_and_follow_the_loss():
     assert (weights * f).mean().item() == pytest.approx(1 / 3, rel=0.02)
 
 
+@pytest.mark.parametrize("timesteps", [10, 30, 1000])
+def test_adaptive_timesteps_update_the_bin_they_were_drawn_from(timesteps):
+    """Also when T is not a multiple of the bins: a bin's loss must land on that bin."""
+    sampler = AdaptiveTimesteps(timesteps, decay=0.0)
+    for b in range(sampler.bins):
+        sampler.mean_sq = torch.full((sampler.bins,), 1e-12)
+        sampler.mean_sq[b] = 1.0  # all the probability but the uniform share on bin b
+        t, weights = sampler.sample(64, "cpu")
+        hit = t[weights < 1]  # drawn through bin b's large probability
+        sampler.update(hit, torch.full_like(hit, 5.0, dtype=torch.float))
+        others = torch.cat([sampler.mean_sq[:b], sampler.mean_sq[b + 1:]])
+        assert sampler.mean_sq[b] == pytest.approx(25.0) and (others == 1e-12).all(), (timesteps, b)
+    torch.manual_seed(0)
+    sampler.mean_sq = torch.rand(sampler.bins) + 0.1
+    t, weights = sampler.sample(200_000, "cpu")
+    assert t.min() == 0 and t.max() == timesteps - 1
+    assert (weights * (t.float() / timesteps) ** 2).mean().item() == pytest.approx(
+        ((torch.arange(timesteps) / timesteps) ** 2).mean().item(), rel=0.02)
+
+
+def test_balanced_detail_terms_keep_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    x0 = torch.rand(2, 3, 16, 16) * 2 - 1
+    x0_hat, target = x0 + 1e-3 * torch.randn_like(x0), torch.randn(2, 3, 16, 16)
+    full = balanced_terms(target, target, x0_hat, x0, torch.ones(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = balanced_terms(target, target, x0_hat, x0, torch.ones(2))
+    assert autocast.dtype == torch.float32 and torch.allclose(autocast, full, rtol=1e-4)
+
+
 def test_adaptive_loss_runs_without_host_sync_and_keeps_state():
     loss_fn = DiffusionLoss(NoiseSchedule("linear", 100), "eps", timestep_sampling="adaptive")
     net = torch.nn.Conv2d(2, 2, 1)
