@@ -6,7 +6,7 @@ Trains the stage the flags name (the denoiser or the VAE-GAN) through main.main 
 the stage + DeviceBatcher + fit) for one epoch, then resumes it (--resume) to two, and after each
 run checks across ranks that the weights (the VAE-GAN's centers and discriminator included), EMA
 and optimizer state are bit-identical (only rank 0 saves, so this cannot be checked
-from the files). It also checks that the ranks trained on different data shards, that validation
+from the files), and then that two epochs in one go end in the same state on every rank. It also checks that the ranks trained on different data shards, that validation
 metrics are averaged across ranks, and that resumed ranks draw their own random numbers. Each
 rank writes MARKER_DIR/rank<r>.json when all its checks pass.
 """
@@ -76,6 +76,12 @@ def check_validation_is_averaged(stage, passed):
     passed.append("val_loss averaged across ranks")
 
 
+def straight_run_flags(flags):
+    """The same flags, into a folder of its own beside the run's."""
+    i = flags.index("--results_dir") + 1
+    return flags[:i] + [str(flags[i]) + "_straight"] + flags[i + 1:]
+
+
 def main_worker(marker_dir, flags):
     calls = []  # (stage, batcher, resume_state) of each fit call
     real_fit = runner.fit
@@ -99,6 +105,12 @@ def main_worker(marker_dir, flags):
         assert differs_across_ranks(resume_state["rng"]["torch"].double()), "resumed ranks share one RNG stream"
         passed.append("resumed ranks have their own RNG streams")
         check_identical_state(stage, "after resumed epoch 2", passed)
+        resumed = training_state(stage)
+
+        main.main(straight_run_flags(flags) + ["--epochs", "2"])
+        for name, vector in training_state(calls[-1][0]).items():
+            assert torch.equal(vector, resumed[name]), f"resumed {name} differs from the straight run's"
+        passed.append("resumed run equals a straight run")
         if stage.kind != "vae_gan":  # the VAE-GAN validates the same held-out images on every rank
             check_validation_is_averaged(stage, passed)
 

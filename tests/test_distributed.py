@@ -75,7 +75,8 @@ def test_ranks_end_with_identical_weights(worker_run):
         assert report["world_size"] == 2
         for check in ("after epoch 1: model identical", "after resumed epoch 2: model identical",
                       "after resumed epoch 2: ema identical", "ranks get different shards",
-                      "resumed ranks have their own RNG streams", "val_loss averaged across ranks"):
+                      "resumed ranks have their own RNG streams", "resumed run equals a straight run",
+                      "val_loss averaged across ranks"):
             assert check in report["passed"]
 
 
@@ -94,13 +95,15 @@ def test_vae_gan_ranks_end_with_identical_weights(tmp_path, image_folder_root):
     flags = ["--train_vae", "--dataset", "folder", "--data_root", image_folder_root, "--preset", "tiny",
              "--batch_size", "8", "--results_dir", tmp_path / "run", "--device", "cpu", "--seed", "3",
              "--perceptual_weight", "0", "--picture_every", "100", "--vae_grad_clip", "0.01",
-             "--class_loss_ramp_epochs", "0", "--adv_start_epoch", "0", "--adv_ramp_epochs", "0"]
+             "--class_loss_ramp_epochs", "0", "--adv_start_epoch", "0", "--adv_ramp_epochs", "0",
+             "--vae_lr_schedule", "constant"]  # a cosine's plan would change with --epochs 1, then 2
     torchrun("tests/ddp_worker.py", tmp_path / "markers", *flags)
     for rank in (0, 1):
         report = json.loads((tmp_path / "markers" / f"rank{rank}.json").read_text())
         for label in ("after epoch 1", "after resumed epoch 2"):
             for part in ("vae", "centers", "discriminator", "optimizer"):
                 assert f"{label}: {part} identical" in report["passed"]
+        assert "resumed run equals a straight run" in report["passed"]
     assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == ["vae_gan_best.pt", "vae_gan_last.pt"]
 
 
@@ -115,3 +118,38 @@ def test_main_py_resumes_under_torchrun(worker_run, tmp_path, image_folder_root)
     assert last["epoch"] == 3 and last["step"] == 3 * steps_per_epoch
     assert load(run_dir / "conditional_diffusion_final.pt")["epoch"] == 3
     assert_one_writer(run_dir, epochs=3)
+
+
+BAD_STEP_WORKER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import torch.distributed as torch_dist
+from training import distributed as dist
+from training.optim import grads_finite_step
+
+torch_dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1))
+judged = []
+for scaler in (None, torch.amp.GradScaler("cpu", init_scale=16.0)):
+    loss = model(torch.ones(4, 2)).sum()
+    if dist.rank() == 1:  # this rank alone has a non-finite loss
+        loss = loss * float("inf")
+    judged.append(grads_finite_step(loss, list(model.parameters()), torch.optim.SGD(model.parameters()), 1.0,
+                                    scaler))
+with open(f"{sys.argv[2]}/rank{dist.rank()}.json", "w") as f:
+    json.dump(judged, f)
+torch_dist.destroy_process_group()
+"""
+
+
+def test_ranks_judge_a_non_finite_step_alike(tmp_path):
+    """One rank's non-finite loss is a bad step on every rank, with or without fp16's GradScaler
+    (whose overflow skips would otherwise count as good steps on the other ranks, and their lr
+    schedules, EMA and bad-step counts drift apart)."""
+    script = tmp_path / "bad_step_worker.py"
+    script.write_text(BAD_STEP_WORKER)
+    torchrun(script, REPO, tmp_path)
+    judged = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert judged == [[False, False], [False, False]]

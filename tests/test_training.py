@@ -103,6 +103,76 @@ def test_minutes_budget_stops_at_the_last_epoch_that_fits_and_counts_across_resu
     assert unbudgeted.validated == 20
 
 
+def test_checkpoint_writes_do_not_count_against_the_budget(tmp_path, timed_stage, monkeypatch):
+    import training.loop as loop
+    from training.checkpoint import load_checkpoint
+    real_save = loop.save_checkpoint
+
+    def slow_save(state, path):
+        loop.time.now += 5.0  # each write takes 5 s of the fake clock
+        real_save(state, path)
+
+    monkeypatch.setattr(loop, "save_checkpoint", slow_save)
+    fit(timed_stage([1.0, 0.5]), OneBatch(), Config(patience=0, picture_every=100), Run(str(tmp_path)),
+        total_epochs=2)
+    # two 10 s epochs, each followed by a _best.pt and a _last.pt write
+    assert load_checkpoint(str(tmp_path / "stub_last.pt"))["train_seconds"] == pytest.approx(20.0)
+
+
+class FourBatches(OneBatch):
+    def __len__(self):
+        return 4
+
+    def epoch(self, e):
+        for _ in range(4):
+            yield from super().epoch(e)
+
+
+def test_budget_after_a_mid_epoch_resume_counts_the_whole_next_epoch(tmp_path, timed_stage):
+    """Resumed with one batch of an epoch left, that epoch's 10 s must not stand for the next
+    epoch's 40 s: at 80 s of a 100 s budget another epoch would overrun it."""
+    import os
+    import signal
+
+    from training.checkpoint import load_checkpoint
+    from training.loop import StopRequested
+
+    class StoppedStage(timed_stage):
+        steps = 0
+
+        def train_step(self, x, y, epoch):
+            StoppedStage.steps += 1
+            if StoppedStage.steps == 7:  # the third batch of epoch 2
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().train_step(x, y, epoch)
+
+    cfg = Config(patience=0, picture_every=100)
+    with pytest.raises(StopRequested):
+        fit(StoppedStage([1.0] * 5), FourBatches(), cfg, Run(str(tmp_path)), total_epochs=5, max_minutes=100 / 60)
+    state = load_checkpoint(str(tmp_path / "stub_last.pt"))
+    assert (state["epoch"], state["batch_in_epoch"], state["train_seconds"]) == (1, 3, pytest.approx(70.0))
+    resumed = timed_stage([1.0] * 5)
+    fit(resumed, FourBatches(), cfg, Run(str(tmp_path)), total_epochs=5, resume_state=state, max_minutes=100 / 60)
+    assert resumed.validated == 1 and load_checkpoint(str(tmp_path / "stub_last.pt"))["epoch"] == 2
+
+
+def test_a_run_resumed_after_an_early_stop_trains_no_more(tmp_path, capsys):
+    from training.checkpoint import load_checkpoint
+    fit(StubStage([1.0, 2.0, 3.0]), OneBatch(), Config(patience=1, picture_every=100), Run(str(tmp_path)),
+        total_epochs=10)
+    state = load_checkpoint(str(tmp_path / "stub_last.pt"))
+    assert state["epoch"] == 2
+    again = StubStage([1.0] * 10)
+    fit(again, OneBatch(), Config(patience=1, picture_every=100), Run(str(tmp_path)), total_epochs=10,
+        resume_state=state)
+    assert again.validated == 0 and load_checkpoint(str(tmp_path / "stub_last.pt"))["epoch"] == 2
+    assert "stopped early at epoch 2" in capsys.readouterr().out
+    patient = StubStage([1.0, 2.0, 3.0, 0.5, 0.6])  # a larger --patience trains on
+    fit(patient, OneBatch(), Config(patience=3, picture_every=100), Run(str(tmp_path)), total_epochs=5,
+        resume_state=state)
+    assert patient.validated == 3
+
+
 @pytest.mark.parametrize("schedule, planned, says", [("cosine", 20, "still 79% of its peak"), ("cosine", 6, None),
                                                     ("constant", 20, None)])
 def test_a_budget_that_stops_a_decaying_learning_rate_short_says_so(tmp_path, timed_stage, capsys, schedule,

@@ -98,6 +98,25 @@ def any_across_ranks(flag):
     return bool(t.item())
 
 
+def all_across_ranks(flag):
+    """A boolean tensor, true on every rank only where it is true on all, without a host sync
+    (the caller's own sync reads it)."""
+    if not torch_dist.is_initialized():
+        return flag
+    t = flag.to(torch.int32)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+    return t.bool()
+
+
+def gather_objects(obj):
+    """Every rank's `obj` (picklable), as a list in rank order, on every rank."""
+    if not torch_dist.is_initialized():
+        return [obj]
+    objects = [None] * world_size()
+    torch_dist.all_gather_object(objects, obj)
+    return objects
+
+
 def gather_tensor(t):
     """Concatenate a tensor from every rank along dim 0 (same shape on every rank)."""
     if not torch_dist.is_initialized():

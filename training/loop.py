@@ -50,8 +50,8 @@ def rng_state():
     state = {"torch": torch.get_rng_state(), "python": python[1], "python_gauss": python[2],
              "numpy": torch.from_numpy(numpy[1].astype(np.int64)), "numpy_pos": int(numpy[2]),
              "numpy_gauss": (int(numpy[3]), float(numpy[4]))}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's GPU only: a resume may see fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -62,7 +62,7 @@ def set_rng_state(state):
     np.random.set_state((np_state[0], state["numpy"].numpy().astype(np.uint32), state.get("numpy_pos", 624),
                          *state.get("numpy_gauss", (0, 0.0))))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class _SignalCatcher:
@@ -114,13 +114,17 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
             raise UserError(f"{inside} with --seed {saved_order[0]} and --subset {saved_order[1]}, which fix that "
                             f"epoch's order: resume it with those (they can change at an epoch boundary)")
     if resume_state is not None:
-        stage.load_state_dict(resume_state["stage"])
+        try:
+            stage.load_state_dict(resume_state["stage"])
+            set_rng_state(resume_state["rng"])
+        except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:  # a damaged or edited file
+            reason = (str(e).strip().splitlines() or [""])[0][:120]
+            raise UserError(f"the {stage.kind} checkpoint cannot be resumed: {type(e).__name__} {reason}") from None
         epoch, step = resume_state["epoch"], resume_state["step"]
         skip_batches, best = resume_state.get("batch_in_epoch", 0), resume_state.get("best")
         since_best = resume_state.get("epochs_since_best", 0)
         seconds = resume_state.get("train_seconds", 0.0)
         partial = (dict(resume_state.get("epoch_sums", {})), resume_state.get("epoch_count", 0))
-        set_rng_state(resume_state["rng"])
         if dist.is_main():
             print(f"resuming {stage.kind} at epoch {epoch} step {step}", file=sys.stderr)
             run.drop_metrics_after(stage.kind, step)
@@ -129,14 +133,20 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
         best, since_best = None, 0  # e.g. --eval_every changed: a loss cannot be compared with an FD
     bad_in_a_row = 0
 
-    def checkpoint(name, batch_in_epoch=0, done_epochs=None, sums=None, count=0):
+    def checkpoint(name, batch_in_epoch=0, done_epochs=None, sums=None, count=0, every_rank=False):
+        """every_rank: all ranks call this together, so the other ranks' RNG states can be kept
+        too, and a resume under torchrun continues every rank's stream."""
+        rank_rngs = dist.gather_objects(rng_state()) if every_rank and dist.enabled() else None
         if not dist.is_main():
             return
         state = {"kind": stage.kind, "config": cfg.to_dict(), "epoch": epoch if done_epochs is None else done_epochs,
                  "step": step, "batch_in_epoch": batch_in_epoch, "batching": batching, "order": order, "best": best,
                  "best_metric": metric_name, "epochs_since_best": since_best,
-                 "train_seconds": seconds + time.time() - t0,
+                 # at an epoch's end, the epochs' time alone: not this checkpoint's or _best.pt's writing
+                 "train_seconds": seconds + time.time() - t0 if batch_in_epoch else seconds,
                  "rng": rng_state(), "stage": stage.state_dict()}
+        if rank_rngs is not None:
+            state["rank_rngs"] = rank_rngs
         if batch_in_epoch:  # mid-epoch: the epoch's loss so far, so its logged mean covers every batch
             state.update(epoch_sums={k: float(v) for k, v in (sums or {}).items()}, epoch_count=count)
         save_checkpoint(state, run.path(name))
@@ -153,9 +163,16 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
     if budget is not None and seconds >= budget and epoch < total_epochs and dist.is_main():
         tqdm.write(f"[{stage.kind}] its {max_minutes:g}-minute budget is spent ({seconds / 60:.1f} min); "
                    f"give a larger one to train on (0: none)")
+    def patience_spent():
+        return bool(getattr(stage, "early_stopping", False) and cfg.patience and since_best >= cfg.patience)
+
+    stopped_early = resume_state is not None and patience_spent()  # resumed after an early stop: train nothing
+    if stopped_early and epoch < total_epochs and dist.is_main():
+        tqdm.write(f"[{stage.kind}] the run stopped early at epoch {epoch}: {metric_name} has not improved for "
+                   f"{since_best} evaluations; a larger --patience (0: never stop) trains on")
     t0 = time.time()
     with _SignalCatcher() as signals:
-        while epoch < total_epochs and (budget is None or seconds < budget):
+        while not stopped_early and epoch < total_epochs and (budget is None or seconds < budget):
             sums, count, t0 = {}, 0, time.time()
             if skip_batches:
                 sums, count = partial
@@ -188,13 +205,13 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
                 stop = signals.caught if not dist.enabled() else (
                     step % cfg.log_every == 0 and dist.any_across_ranks(signals.caught))
                 if stop:
-                    checkpoint(stage.last_name, batch_in_epoch=i + 1, sums=sums, count=count)
+                    checkpoint(stage.last_name, batch_in_epoch=i + 1, sums=sums, count=count, every_rank=True)
                     bar.close()
                     raise StopRequested(
                         f"{signals.caught or 'SIGTERM'}: saved {run.path(stage.last_name)} at epoch {epoch + 1}, step {step}; "
                         f"resume with the same command plus --resume")
             bar.close()
-            skip_batches = 0
+            steps_seconds, batches_here, skip_batches = time.time() - t0, len(batcher) - skip_batches, 0
             epoch += 1
             row = {k: dist.mean_across_ranks(float(v) / max(count, 1)) for k, v in sums.items()}
             row.update(stage.validate(epoch))
@@ -216,15 +233,17 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
                     checkpoint(stage.best_name)
                 else:
                     since_best += 1
-            stop_early = getattr(stage, "early_stopping", False) and cfg.patience and since_best >= cfg.patience
+            stop_early = patience_spent()
             # Each rank judges its own copy of the held-out metric: a last-bit difference must not
             # stop one rank while the others go on into the next all-reduce.
             stop_early = dist.any_across_ranks(stop_early)
             if stop_early and dist.is_main():
                 tqdm.write(f"[{stage.kind}] early stop at epoch {epoch}: {metric_name} has not improved for "
                            f"{since_best} evaluations (best {best:.4g}, --patience {cfg.patience})")
-            # The budget: stop now if one more epoch like this one would overrun it (all ranks agree).
-            out_of_time = budget is not None and epoch < total_epochs and seconds + row["epoch_seconds"] > budget
+            # The budget: stop now if one more epoch like this one would overrun it (all ranks agree);
+            # after a mid-epoch resume this one ran only some of its batches.
+            next_epoch_seconds = row["epoch_seconds"] + steps_seconds * (len(batcher) / max(batches_here, 1) - 1)
+            out_of_time = budget is not None and epoch < total_epochs and seconds + next_epoch_seconds > budget
             out_of_time = dist.any_across_ranks(out_of_time)
             if out_of_time and dist.is_main():
                 tqdm.write(f"[{stage.kind}] stopping at epoch {epoch}: another epoch would pass the "
@@ -232,7 +251,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
                            + undecayed_lr(stage, epoch))
             stop_early = stop_early or out_of_time
             if epoch % cfg.checkpoint_every == 0 or epoch == total_epochs or stop_early:
-                checkpoint(stage.last_name)
+                checkpoint(stage.last_name, every_rank=True)
             if dist.is_main() and (epoch % cfg.picture_every == 0 or epoch == total_epochs or stop_early):
                 stage.pictures(epoch)
             if stop_early:

@@ -7,6 +7,8 @@ import math
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from training import distributed as dist
+
 
 def _fused(device):
     return (device is not None and device.type == "cuda") or None  # fused AdamW: one kernel per step on GPUs
@@ -122,7 +124,9 @@ def grads_finite_step(loss, params, optimizer, grad_clip, scaler=None):
     else:
         loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
-    finite_loss = torch.isfinite(loss.detach())
+    # Under DDP the gradients are the ranks' mean, the loss each rank's own: every rank must judge
+    # the step alike, or their lr schedules, EMA and bad-step counts would drift apart.
+    finite_loss = dist.all_across_ranks(torch.isfinite(loss.detach()))
     if not bool(torch.isfinite(norm) & finite_loss):
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:

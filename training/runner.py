@@ -38,8 +38,10 @@ def resume_state_for(cfg, stage_cls, resume, checkpoint_path=None):
         raise UserError(f"{cfg.results_dir} already holds another run's {stage_cls.last_name}: continue "
                         f"{checkpoint_path} into a fresh --results_dir")
     if (resume or checkpoint_path) and os.path.isfile(path):
+        from pipeline import require_parts
         state = load_checkpoint(path)
         check_compatible(state, cfg, stage_cls.kind, path)
+        require_parts(state, ("epoch", "step", "rng", "stage"), path, f"{stage_cls.kind} training")
         return _own_rng_stream(state, cfg)
     if not resume and os.path.isfile(path):
         raise UserError(f"{cfg.results_dir} already holds {stage_cls.last_name}; pass --resume to continue "
@@ -81,10 +83,15 @@ def _model_stage_state(cfg, stage_cls, resume, checkpoint_path):
 
 
 def _own_rng_stream(state, cfg):
-    """A checkpoint holds rank 0's RNG state only: restored on every rank, it would give all ranks
-    the same noise, timesteps and dropout masks from then on. Other ranks continue on a stream of
-    their own, seeded from (seed, rank, step); rank 0 (and a single process) resumes exactly."""
-    if dist.rank() > 0:
+    """Each rank resumes its own RNG stream where the checkpoint holds every rank's (a _last.pt
+    written by as many processes as now run), so a resume under torchrun is exact. Otherwise
+    (another process count, or a _best.pt) rank 0 (and a single process) takes the saved state and
+    other ranks a stream of their own, seeded from (seed, rank, step): restoring rank 0's state
+    everywhere would give all ranks the same noise, timesteps and dropout masks."""
+    rank_rngs = state.get("rank_rngs")
+    if rank_rngs is not None and len(rank_rngs) == dist.world_size():
+        state["rng"] = rank_rngs[dist.rank()]
+    elif dist.rank() > 0:
         seed_everything(hash((cfg.seed, dist.rank(), state["step"])) % 2 ** 63)
         state["rng"] = rng_state()
     return state
