@@ -334,7 +334,8 @@ def build_config(args, base=None):
         for name, value in flags.items():  # a flag the saved run cannot honour is refused, not ignored
             saved = getattr(base, name)
             if name not in RUNTIME_FIELDS and _plain(value) != _plain(saved):
-                raise UserError(f"the run was trained with {name}={saved!r}, not --{name} {value}; only runtime "
+                flag = FLAGS_OF_FIELDS.get(name, f"--{name}")
+                raise UserError(f"the run was trained with {name}={saved!r}, not {flag} {value}; only runtime "
                                 f"settings can change when continuing or sampling from it")
         cfg = dataclasses.replace(base, **{k: v for k, v in flags.items() if k in RUNTIME_FIELDS})
         return validate(cfg)
@@ -351,6 +352,10 @@ def build_config(args, base=None):
     if cfg.results_dir is None:
         cfg.results_dir = os.path.join("results", f"{cfg.dataset}_{cfg.model}")
     return validate(cfg)
+
+
+# Fields set by a flag of another name (main.py --train_classifier --epochs sets classifier_epochs).
+FLAGS_OF_FIELDS = {f"classifier_{name}": f"--{name} (of --train_classifier)" for name in ("epochs", "lr", "batch_size")}
 
 
 def _plain(value):

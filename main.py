@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from config import ArgumentParser, add_common_args, add_sampling_args, build_config, positive_int
+from config import ArgumentParser, add_common_args, add_sampling_args, build_config, positive_int, refuse_unused_flags
 from diffusion.objective import LOSS_TERMS, LOSS_WEIGHTINGS, PREDICTIONS, TIMESTEP_SAMPLINGS
 from diffusion.schedule import SCHEDULES
 from errors import UserError, run_main
@@ -100,6 +100,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# The flags --train_classifier reads besides the ones every entry point shares; the rest are refused.
+COMMON_FLAGS = set(vars(add_common_args(argparse.ArgumentParser()).parse_args([])))
+CLASSIFIER_FLAGS = {"train_classifier", "epochs", "lr", "resume", "hflip", "classifier_width", "picture_every",
+                    "checkpoint_every", "log_every", "classifier_epochs", "classifier_lr", "classifier_batch_size"}
+
+
 def stage_overrides(args):
     """--epochs / --lr / --batch_size apply to the stage being trained."""
     if args.epochs is not None:
@@ -146,6 +152,11 @@ def main(argv=None):
                             f"--resume)")
         train(cfg, checkpoint_path=args.checkpoint_path, total_epochs=args.total_epochs)
         return 0
+    if args.train_classifier:
+        refuse_unused_flags(args, CLASSIFIER_FLAGS, set(vars(args)) - COMMON_FLAGS, "--train_classifier")
+        if args.results_dir is None:  # its own folder, also when resuming
+            from training.classifier import default_classifier_dir
+            args.results_dir = default_classifier_dir(build_config(args))
     if args.resume:  # continue with the run's own config (only runtime fields may change)
         stages = (["vae_gan_last.pt"] if args.train_vae or args.train_all else []) + \
                  (["conditional_diffusion_last.pt"] if args.train_diffusion or args.train_all else []) + \
@@ -153,9 +164,6 @@ def main(argv=None):
         cfg = runner.config_for_saved_run(args, stages)
         stage_config = lambda name: runner.config_for_saved_run(args, stages, name)  # noqa: E731
     else:
-        if args.train_classifier and args.results_dir is None:
-            from training.classifier import default_classifier_dir
-            args.results_dir = default_classifier_dir(build_config(args))
         cfg = build_config(args)
         stage_config = lambda name: cfg  # noqa: E731
     if args.train_classifier:

@@ -691,3 +691,45 @@ def test_a_config_edited_into_nonsense_is_one_error_line(data, reference, tmp_pa
     assert train_in_process(["--train_all", "--resume", "--results_dir", run_dir]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: --resume: cannot read the run's config in") and "config.json" in line, line
+
+
+@pytest.mark.parametrize("damage", ["rng", "epoch", "stage", "stage.opt"])
+def test_a_checkpoint_missing_part_of_its_training_state_is_one_error_line(data, reference, tmp_path, capsys, damage):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    state = load(run_dir / LAST)
+    if damage == "stage.opt":
+        del state["stage"]["opt"]
+    else:
+        del state[damage]
+    torch.save(state, run_dir / LAST)
+    before = _snapshot(run_dir)
+    assert train_in_process(run_args(data, run_dir, 3, "--resume")) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and ("opt" if damage == "stage.opt" else f"no {damage} inside") in line, line
+    assert _snapshot(run_dir) == before
+
+
+def test_a_missing_evaluation_classifier_is_refused_before_training(data, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = run_args(data, run_dir, 2, "--eval_every", "1", "--classifier_path", tmp_path / "none.pt")
+    assert train_in_process(argv) == 2
+    assert "none.pt" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not run_dir.exists()  # not even a config.json: nothing trained
+
+
+def test_the_classifier_resumes_in_its_default_folder_and_refuses_what_it_does_not_read(data, tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default folder is results/folder_classifier under the working folder
+    classifier = ["--train_classifier", "--dataset", "folder", "--data_root", data, "--image_size", "16",
+                  "--preset", "tiny", "--batch_size", "4", "--epochs", "1"]
+    assert train_in_process(classifier) == 0
+    assert train_in_process([*classifier, "--resume"]) == 0
+    assert "resuming classifier at epoch 1" in capsys.readouterr().err
+    for flag in (["--patience", "1"], ["--ema_decay", "0.5"], ["--compile"], ["--guidance_scale", "3"]):
+        assert train_in_process([*classifier, "--results_dir", tmp_path / "other", *flag]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line == f"error: {flag[0]} does not apply to --train_classifier", line
+    assert not (tmp_path / "other").exists()
+    assert train_in_process([*classifier[:-2], "--epochs", "2", "--resume"]) == 2
+    assert "not --epochs (of --train_classifier) 2" in capsys.readouterr().err

@@ -51,7 +51,8 @@ class DenoiserStage:
         self.val_x, self.val_y = val_x[:512].to(device), val_y[:512].to(device)
         self.vae, self.latent_shift, self.latent_scale = vae, latent_shift, latent_scale
         self.num_classes = num_classes
-        self.offline = None
+        # --eval_every's classifier and real features now: a missing classifier is refused before training
+        self.offline = self.offline_metrics() if cfg.eval_every else None
 
     def pipeline(self):
         """A sampling pipeline over the EMA weights."""
@@ -92,12 +93,14 @@ class DenoiserStage:
         held-out images in the real-data classifier's features; else the held-out loss."""
         return ("classifier_fd_heldout", "min") if self.cfg.eval_every else ("val_loss", "min")
 
+    def offline_metrics(self):
+        from evaluation.evaluate import OfflineMetrics, load_real_classifier
+        classifier = load_real_classifier(self.cfg, self.device, self.cfg.classifier_path)
+        return OfflineMetrics(classifier, self.cfg, self.device, self.num_classes)
+
     def sample_metrics(self):
         """Offline metrics of eval_samples samples, generated across ranks and gathered."""
-        from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier
-        if self.offline is None:
-            classifier = load_real_classifier(self.cfg, self.device, self.cfg.classifier_path)
-            self.offline = OfflineMetrics(classifier, self.cfg, self.device, self.num_classes)
+        from evaluation.evaluate import balanced_labels
         world = dist.world_size()
         n = max(self.cfg.eval_samples // world, 1) * world
         labels = balanced_labels(n, self.num_classes)
