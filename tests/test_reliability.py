@@ -436,11 +436,12 @@ def test_failed_checkpoint_write_keeps_previous_checkpoint(tmp_path, monkeypatch
 
 
 def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path):
-    from training.checkpoint import save_checkpoint
-    stale = tmp_path / f".{LAST}.tmp99999999"
-    stale.write_bytes(b"PK\x03\x04 half of a checkpoint")
+    from training.checkpoint import copy_checkpoint, save_checkpoint
+    for name in (LAST, FINAL):
+        (tmp_path / f".{name}.tmp99999999").write_bytes(b"PK\x03\x04 half of a checkpoint")
     save_checkpoint({"kind": STAGE, "config": {}, "epoch": 1}, str(tmp_path / LAST))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]
+    copy_checkpoint(str(tmp_path / LAST), str(tmp_path / FINAL))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FINAL, LAST]
 
 
 # --------------------------------------------------------------------------------------------

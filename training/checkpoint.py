@@ -32,13 +32,18 @@ def save_checkpoint(state, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    # Temporary files of earlier processes killed mid-write (SIGKILL, power loss): garbage now.
+    _settle(folder, path)
+
+
+def _settle(folder, path):
+    """After a rename over `path`: remove the temporary files of earlier writers killed mid-write
+    (SIGKILL, power loss), and make the rename itself durable."""
     for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(f".{os.path.basename(path)}.tmp") + "*")):
         try:
             os.remove(stale)
         except OSError:
             pass
-    try:  # make the rename itself durable
+    try:
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -50,7 +55,8 @@ def save_checkpoint(state, path):
 
 def copy_checkpoint(source, path):
     """An atomic, durable copy (the finished run's sampling checkpoint)."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
         with open(source, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst)
@@ -62,6 +68,7 @@ def copy_checkpoint(source, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    _settle(folder, path)
 
 
 def all_finite(state):
