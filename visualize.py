@@ -58,6 +58,7 @@ def main(argv=None):
     out = lambda name: os.path.join(run_dir, name)  # noqa: E731
     if args.mode == "loss_curves":
         from training.run import Run
+        _refuse_flags_the_run_was_not_trained_with(args, run_dir)
         run = Run(run_dir)
         written = [p for stage, name in (("vae_gan", "autoencoder_losses.png"),
                                          ("conditional_diffusion", "diffusion_loss.png"),
@@ -108,6 +109,9 @@ def main(argv=None):
         if classes is not None:
             keep = torch.isin(labels, torch.tensor(classes))
             latents, labels = latents[keep], labels[keep]
+        if len(latents) < 2:  # PCA needs two points; refused before any sampling
+            raise UserError(f"--mode {args.mode} needs at least 2 held-out images of the classes it shows, found "
+                            f"{len(latents)}{'; add --classes' if args.classes else ''}")
         if args.mode == "latent_space":
             path = out("latent_space.png")
             figures.latent_space_figure(latents, labels, pipe.class_names, _centers(pipe), path, seed=seed)
@@ -117,6 +121,30 @@ def main(argv=None):
                                           seed=seed)
     print(path)
     return 0
+
+
+def _refuse_flags_the_run_was_not_trained_with(args, run_dir):
+    """For the one mode that loads no checkpoint, what the others do with theirs: a flag that
+    differs from how the run was trained is refused. The run's config is that of its denoiser or
+    VAE (config.json may be a classifier's trained into the folder since), else config.json."""
+    import json
+    from config import Config
+    from pipeline import DENOISER_FILES, VAE_FILES, first_file
+    from training.checkpoint import load_checkpoint
+    checkpoint = first_file(run_dir, DENOISER_FILES + VAE_FILES)
+    source = checkpoint or os.path.join(run_dir, "config.json")
+    if not os.path.isfile(source):
+        return  # nothing trained here: no curves either, which the caller says
+    try:
+        if checkpoint is not None:
+            saved = load_checkpoint(checkpoint)["config"]
+        else:
+            with open(source) as f:
+                saved = json.load(f)
+        saved = Config.from_dict(saved)
+    except (OSError, ValueError, TypeError) as e:  # a config.json edited into nonsense
+        raise UserError(f"cannot read the run's config in {source}: {e}") from None
+    build_config(args, base=saved)
 
 
 def _held_out(cfg, limit=None):

@@ -152,6 +152,29 @@ def train(args, model, batcher, scheduler, device, state_path):
             "planned_steps": progress["total_steps"], "loss_every_50_steps": losses}
 
 
+def check_trained_classes(saved, class_names, path):
+    """A model scored on data of other classes would not fit its class embedding, or, with as many
+    classes, be scored against other classes under the same labels."""
+    trained = saved.get("class_names")
+    if trained is not None:
+        same, what = list(trained) == list(class_names), ", ".join(trained)
+    else:  # a model.pt from before the names were saved: its class embedding tells how many there were
+        count = len(saved["model"]["class_embedding.weight"])
+        same, what = count == len(class_names), f"{count} classes"
+    if not same:
+        raise UserError(f"{path} was trained on {what}, not this data's {', '.join(class_names)}: score it "
+                        f"with the --data_root it was trained on")
+
+
+def class_rows(images, labels, num_classes, per_class=8):
+    """The first `per_class` images of each class, one row per class; a class with fewer samples
+    is padded with white so that every row stays one class."""
+    rows = [images[labels == c][:per_class] for c in range(num_classes)]
+    width = max(len(r) for r in rows)
+    blank = torch.full_like(images[:1], 255)
+    return torch.cat([torch.cat([r, blank.expand(width - len(r), -1, -1, -1)]) for r in rows]), width
+
+
 @torch.inference_mode()
 def sample(args, model, train_scheduler, labels, image_size, device, batch=250):
     from diffusers import DDIMScheduler, DDPMScheduler
@@ -172,6 +195,8 @@ def sample(args, model, train_scheduler, labels, image_size, device, batch=250):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.num_samples < 2:  # refused before the training budget is spent
+        raise UserError(f"--num_samples must be at least 2 (KID compares pairs), got {args.num_samples}")
     try:
         import diffusers
         from diffusers import DDPMScheduler
@@ -187,6 +212,7 @@ def main(argv=None):
         saved = load_checkpoint(model_path, "the contender's trained model (run --stage train first)")
         if saved["kind"] != "diffusers_contender":
             raise UserError(f"{model_path} is a {saved['kind']} checkpoint, not this contender's")
+        check_trained_classes(saved, train_set.class_names, model_path)
         trained_args = argparse.Namespace(**saved["config"])
         model = build_unet(trained_args, cfg.image_size, num_classes).to(device)
         model.load_state_dict(saved["model"])
@@ -206,7 +232,7 @@ def main(argv=None):
             print(f"saved {state_path} after this segment; go on with the same command plus --resume")
             return 0
         save_checkpoint({"kind": "diffusers_contender", "config": vars(args), "model": model.state_dict(),
-                         "log": log}, model_path)
+                         "class_names": train_set.class_names, "log": log}, model_path)
         if args.stage == "train":
             print(f"wrote {model_path}; score it with --stage score")
             return 0
@@ -224,10 +250,10 @@ def main(argv=None):
         result["training_args"] = saved["config"]  # the budget, widths and seed it was trained with
     result.update(metrics(images, labels))
     os.makedirs(args.out, exist_ok=True)
-    per_class = torch.stack([images[labels == c][:8] for c in range(num_classes)]).flatten(0, 1)
-    save_grid(per_class, os.path.join(args.out, "samples_grid.png"), nrow=8)
-    with open(os.path.join(args.out, "eval.json"), "w") as f:
+    with open(os.path.join(args.out, "eval.json"), "w") as f:  # first: the scores outlive a failed picture
         json.dump(result, f, indent=2)
+    grid, width = class_rows(images, labels, num_classes)
+    save_grid(grid, os.path.join(args.out, "samples_grid.png"), nrow=width)
     print(json.dumps({k: result[k] for k in ("params_m", "steps", "sample_accuracy", "classifier_fd",
                                              "classifier_kid")}, indent=1))
 

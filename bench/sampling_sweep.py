@@ -25,7 +25,8 @@ from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
 from diffusion.guidance import GUIDANCE_SCHEDULES  # noqa: E402
 from diffusion.samplers import SAMPLERS  # noqa: E402
-from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier  # noqa: E402
+from evaluation.evaluate import (OfflineMetrics, balanced_labels, check_heldout_classes,  # noqa: E402
+                                 load_real_classifier)
 from pipeline import load_pipeline  # noqa: E402
 from training.loop import select_device  # noqa: E402
 from training.optim import amp_dtype  # noqa: E402
@@ -87,13 +88,16 @@ def guidance_intervals(text):
     """'all,0.3:5' -> [(0, inf), (0.3, 5.0)]."""
     intervals = []
     for spec in text.split(","):
+        if spec == "all":
+            intervals.append((0.0, math.inf))
+            continue
         lo, colon, hi = spec.partition(":")
         try:
-            interval = (0.0, math.inf) if spec == "all" else (float(lo), float(hi)) if colon else None
+            interval = (float(lo), float(hi)) if colon else None
         except ValueError:
             interval = None
-        if interval is None or not 0 <= interval[0] < interval[1]:
-            raise UserError(f"--guidance_intervals: {spec!r} is not LO:HI with 0 <= LO < HI, or 'all'")
+        if interval is None or not 0 <= interval[0] < interval[1] < math.inf:  # as config.validate asks
+            raise UserError(f"--guidance_intervals: {spec!r} is not LO:HI with 0 <= LO < HI and HI finite, or 'all'")
         intervals.append(interval)
     return intervals
 
@@ -107,8 +111,9 @@ def main(argv=None):
     if args.num_samples < 2:
         raise UserError(f"--num_samples must be at least 2 (a Frechet distance needs two), got {args.num_samples}")
     device = select_device(args.device)
+    # --seed through the run's config, whose validation checks its range as generate.py's
     pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema,
-                         overrides=argparse.Namespace(amp=args.amp))
+                         overrides=argparse.Namespace(amp=args.amp, seed=args.seed))
     timesteps = pipe.cfg.timesteps
     too_long = [f"{sampler}:{steps}" for sampler, steps in specs if steps > timesteps]
     if too_long:
@@ -117,6 +122,7 @@ def main(argv=None):
     out = writable_output(args.out or os.path.join(args.results_dir, "sampling_sweep.json"))
     if not out.endswith(".json"):  # its figure goes beside it, under the same name with .png
         raise UserError(f"--out {out}: name a .json file")
+    check_heldout_classes(pipe.cfg, pipe.class_names)
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
                              pipe.num_classes)
     schedules = asked_schedules or [pipe.cfg.guidance_schedule]

@@ -34,6 +34,15 @@ def real_split(cfg, split, limit=None):
     return data.images[keep], data.labels[keep]
 
 
+def check_heldout_classes(cfg, class_names):
+    """Scores against held-out images of other classes would compare label i of the run with
+    label i of unrelated data: refuse them."""
+    heldout = _load(cfg, "val").class_names
+    if list(heldout) != list(class_names):
+        raise UserError(f"the data in {cfg.data_root or cfg.dataset} has the classes {', '.join(heldout)}, not the "
+                        f"run's {', '.join(class_names)}: give the data the run was trained on")
+
+
 def check_classifier_data(state, cfg, path):
     """The real-data classifier must know this run's classes and hold out exactly its held-out
     images: one trained on another folder, or with another --val_fraction or --flowers_splits,
@@ -61,11 +70,12 @@ def load_real_classifier(cfg, device, path=None):
         raise UserError(f"no real-data classifier for {cfg.dataset} (looked for {', '.join(candidates)}); "
                         f"train one with `python main.py --train_classifier --dataset {cfg.dataset}"
                         f"{' --data_root ' + cfg.data_root if cfg.data_root else ''}` or pass --classifier_path")
+    from config import Config
+    from pipeline import load_weights, require_parts
     state = load_checkpoint(found, "classifier checkpoint")
     check_compatible(state, cfg, "classifier", found)
+    require_parts(state.get("stage"), ("class_names", "model"), found, "classifier")
     check_classifier_data(state, cfg, found)
-    from config import Config
-    from pipeline import load_weights
     saved = Config.from_dict(state["config"])
     model = build_classifier(saved, len(state["stage"]["class_names"]))
     load_weights(model, state["stage"]["model"], found, "classifier")
@@ -157,6 +167,7 @@ def evaluate_run(pipe, run_dir, args, seed, out_dir=None):
     if n < 2:
         raise UserError(f"--evaluate needs at least 2 samples (KID compares pairs), got --num_samples {n}")
     start = time.time()
+    check_heldout_classes(cfg, pipe.class_names)
     classifier = load_real_classifier(cfg, device, getattr(args, "classifier_path", None))
     offline = OfflineMetrics(classifier, cfg, device, pipe.num_classes)
     labels = balanced_labels(n, pipe.num_classes)
@@ -208,6 +219,7 @@ def diffusion_classifier_accuracy(pipe, images, labels, limit, seed):
 
 def classify_run(pipe, out_dir, args, seed):
     """generate.py --classify: classify held-out real images with the denoiser itself."""
+    check_heldout_classes(pipe.cfg, pipe.class_names)
     images, labels = real_split(pipe.cfg, "val")
     limit = args.num_samples or 200
     with torch.inference_mode():

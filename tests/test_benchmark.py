@@ -129,12 +129,13 @@ def test_vae_screen_refuses_bad_flags_before_loading_data(args, contains, tmp_pa
 @pytest.fixture
 def sweep(tmp_path, monkeypatch):
     """bench/sampling_sweep.py on a stand-in run with the tiny preset's 100-step schedule; loading
-    the real-data classifier, the first long step, fails the test."""
+    the held-out data or the real-data classifier, the first long steps, fails the test."""
     from bench import sampling_sweep
     from config import build_config
-    run = types.SimpleNamespace(cfg=build_config(argparse.Namespace(preset="tiny")))
+    run = types.SimpleNamespace(cfg=build_config(argparse.Namespace(preset="tiny")), class_names=["cat", "dog"])
     assert run.cfg.timesteps == 100
     monkeypatch.setattr(sampling_sweep, "load_pipeline", lambda *args, **kwargs: run)
+    monkeypatch.setattr(sampling_sweep, "check_heldout_classes", not_reached)
     monkeypatch.setattr(sampling_sweep, "load_real_classifier", not_reached)
     return lambda *args: exit_status(sampling_sweep.main, ["--results_dir", tmp_path, "--device", "cpu", *args])
 
@@ -142,6 +143,7 @@ def sweep(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, contains", [
     (["--samplers", "ddim:100,dpmpp:1000"], "--samplers dpmpp:1000:"), (["--guidance", "nan"], "--guidance"),
     (["--guidance", "2,-1"], "--guidance"), (["--guidance", "1e9"], "--guidance"),
+    (["--guidance_intervals", "0.3:inf"], "HI finite"),  # config.validate refuses it too
     (["--out", "PNG"], "name a .json file"), *OUT_CASES])
 def test_sampling_sweep_refuses_bad_settings_before_sampling(args, contains, sweep, tmp_path, capsys):
     assert_refused(capsys, sweep(*out_paths(args, tmp_path)), contains)
