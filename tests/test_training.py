@@ -559,3 +559,34 @@ def test_values_no_run_can_use_are_refused_by_the_config(field, value, message):
     with pytest.raises(UserError) as error:
         build_config(argparse.Namespace(preset="tiny", model="unet", dataset="folder", **{field: value}))
     assert message in str(error.value)
+
+
+def test_the_generator_step_leaves_the_discriminator_without_gradients(tmp_path, monkeypatch):
+    """The adversarial term reaches the VAE through a frozen discriminator; the discriminator's
+    own step then trains it."""
+    import argparse
+    import types
+
+    import training.vae_gan as vae_gan
+    from config import build_config
+    cfg = build_config(argparse.Namespace(preset="tiny", image_size=16, perceptual_weight=0.0, adv_start_epoch=0,
+                                          adv_ramp_epochs=0, device="cpu"))
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1])
+    stage = vae_gan.VAEGANStage(cfg, 2, 16, torch.device("cpu"), types.SimpleNamespace(images=images, labels=labels),
+                                Run(str(tmp_path)), ["cat", "dog"])
+    real_step, seen = vae_gan.grads_finite_step, []
+
+    def step_and_look(loss, params, optimizer, *args):
+        done = real_step(loss, params, optimizer, *args)
+        seen.append([p.grad is not None for p in stage.disc.parameters()])
+        return done
+
+    monkeypatch.setattr(vae_gan, "grads_finite_step", step_and_look)
+    before = [p.detach().clone() for p in stage.disc.parameters()]
+    losses = stage.train_step(images.float() / 127.5 - 1, labels, 1.0)
+    assert "adversarial" in losses and "discriminator" in losses
+    generator, discriminator = seen
+    assert not any(generator) and all(discriminator)
+    assert all(p.requires_grad for p in stage.disc.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, stage.disc.parameters()))

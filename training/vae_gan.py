@@ -150,10 +150,14 @@ class VAEGANStage:
                       "classifier": F.cross_entropy(logits.float(), y), "center": pull, "repulsion": push}
             if self.vgg is not None:
                 losses["perceptual"] = perceptual_distance(self.vgg, recon.float(), x)
-            if w["adversarial"] > 0:  # non-saturating GAN loss on the PatchGAN's logits
-                losses["adversarial"] = F.softplus(-self.disc_ddp(recon).float()).mean()
+            if w["adversarial"] > 0:  # non-saturating GAN loss on the PatchGAN's logits, through a frozen
+                # discriminator outside DDP: its own gradients would be computed, all-reduced and thrown away
+                self.disc.requires_grad_(False)
+                losses["adversarial"] = F.softplus(-self.disc(recon).float()).mean()
             total = sum(w[k] * v for k, v in losses.items())
-        if not grads_finite_step(total, self.gen_params, self.opt_g, cfg.vae_grad_clip, self.scaler_g):
+        stepped = grads_finite_step(total, self.gen_params, self.opt_g, cfg.vae_grad_clip, self.scaler_g)
+        self.disc.requires_grad_(True)
+        if not stepped:
             return None
         if w["adversarial"] > 0:
             with autocast(self.device, cfg.amp):  # one forward of real and fake: DDP allows one per backward
