@@ -590,3 +590,21 @@ def test_the_generator_step_leaves_the_discriminator_without_gradients(tmp_path,
     assert not any(generator) and all(discriminator)
     assert all(p.requires_grad for p in stage.disc.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, stage.disc.parameters()))
+
+
+def test_loaded_optimizer_moments_take_their_parameters_memory_layout():
+    """A CPU run's contiguous AdamW moments, resumed where the weights are channels-last (CUDA)."""
+    from training.optim import load_optimizer_state, make_optimizer
+    torch.manual_seed(0)
+    saved_model = torch.nn.Conv2d(3, 4, 3)
+    saved_opt = make_optimizer(saved_model.parameters(), 1e-3)
+    saved_model(torch.randn(2, 3, 5, 5)).sum().backward()
+    saved_opt.step()
+    model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    opt = make_optimizer(model.parameters(), 1e-3)
+    load_optimizer_state(opt, saved_opt.state_dict(), torch.device("cpu"))
+    state = opt.state[model.weight]
+    assert not saved_opt.state[saved_model.weight]["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert state[name].stride() == model.weight.stride()
+        assert torch.equal(state[name], saved_opt.state[saved_model.weight][name])

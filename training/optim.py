@@ -22,9 +22,15 @@ def load_optimizer_state(optimizer, state, device):
     """Restore a saved optimizer on this device. The saved groups carry the saving device's `fused`
     flag, and loading places each step counter by it (beside the weights when fused, on the CPU
     otherwise): flag them for this device first, or a CPU run resumed on a GPU would step unfused,
-    or fused with its counters on the wrong device."""
+    or fused with its counters on the wrong device. The moments then take their parameter's
+    memory layout: loading keeps the saved strides, and CUDA's fused AdamW refuses contiguous
+    moments beside channels-last weights (a checkpoint from a CPU run resumed on a GPU)."""
     optimizer.load_state_dict({**state, "param_groups": [{**group, "fused": _fused(device)}
                                                          for group in state["param_groups"]]})
+    for param, param_state in optimizer.state.items():
+        for name, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                param_state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def warmup_schedule(optimizer, warmup_steps, decay=lambda: 1.0):
