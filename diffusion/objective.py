@@ -1,4 +1,6 @@
 """Prediction targets (eps / v / x0), their conversions, and the training loss."""
+import functools
+
 import torch
 
 
@@ -34,15 +36,22 @@ def loss_weight(snr, prediction, weighting, gamma=5.0):
     raise ValueError(f"unknown loss weighting {weighting!r}")
 
 
-_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
-_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+_KERNELS = {"laplacian": [[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]],
+            "sobel_x": [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]],
+            "sobel_y": [[-1.0, -2.0, -1.0], [0.0, 0.0, 0.0], [1.0, 2.0, 1.0]]}
 
 
-def _filter(x, kernel):
+@functools.cache
+def _kernel(name, device):
+    """Made once per device: a copy from host memory every step would wait for the GPU."""
+    return torch.tensor(_KERNELS[name], device=device).view(1, 1, 3, 3)
+
+
+def _filter(x, name):
     """The same 3x3 kernel on every channel, in float32 even under autocast: differences of
     neighbouring pixels near clean data are below bf16's resolution."""
     c = x.shape[1]
-    weight = kernel.to(x.device).view(1, 1, 3, 3).expand(c, 1, 3, 3)
+    weight = _kernel(name, x.device).expand(c, 1, 3, 3)
     with torch.autocast(x.device.type, enabled=False):
         return torch.nn.functional.conv2d(x.float(), weight, padding=1, groups=c)
 
@@ -56,8 +65,8 @@ def balanced_terms(output, target, x0_hat, x0, abar):
     mse = (flat_out - flat_target).pow(2).mean(1)
     l1 = (flat_out - flat_target).abs().mean(1)
     cosine = 1 - torch.nn.functional.cosine_similarity(flat_out, flat_target, dim=1)
-    lap = (_filter(x0_hat, _LAPLACIAN) - _filter(x0, _LAPLACIAN)).pow(2).flatten(1).mean(1)
-    edges = lambda x: (_filter(x, _SOBEL_X).pow(2) + _filter(x, _SOBEL_X.T).pow(2) + 1e-6).sqrt()  # noqa: E731
+    lap = (_filter(x0_hat, "laplacian") - _filter(x0, "laplacian")).pow(2).flatten(1).mean(1)
+    edges = lambda x: (_filter(x, "sobel_x").pow(2) + _filter(x, "sobel_y").pow(2) + 1e-6).sqrt()  # noqa: E731
     sobel = (edges(x0_hat) - edges(x0)).pow(2).flatten(1).mean(1)
     return mse + 0.5 * l1 + 0.1 * cosine + abar * (0.1 * lap + 0.1 * sobel)
 
@@ -76,22 +85,22 @@ class AdaptiveTimesteps:
         self.mean_sq = None
 
     def probabilities(self, device):
-        if self.mean_sq is None:
+        if self.mean_sq is None:  # both on the training device from the first step: no copies per step
             self.mean_sq = torch.ones(self.bins, device=device)
+            self.edges = self.edges.to(device)
         p = self.mean_sq.sqrt()
         return (1 - self.uniform) * p / p.sum() + self.uniform / self.bins
 
     def sample(self, n, device):
         p = self.probabilities(device)
         b = torch.multinomial(p, n, replacement=True)
-        edges = self.edges.to(device)
-        width = edges[b + 1] - edges[b]
-        t = edges[b] + (torch.rand(n, device=device) * width).long().clamp(max=width - 1)
+        width = self.edges[b + 1] - self.edges[b]
+        t = self.edges[b] + (torch.rand(n, device=device) * width).long().clamp(max=width - 1)
         return t, width / (self.timesteps * p[b])  # p(t) = p(bin) / width: the weight is 1 / (T p(t))
 
     def update(self, t, losses):
         self.probabilities(t.device)  # initialises the running means
-        b = torch.bucketize(t, self.edges[1:].to(t.device), right=True)
+        b = torch.bucketize(t, self.edges[1:], right=True)
         sums = torch.zeros(self.bins, device=t.device).index_add_(0, b, losses.detach().float().pow(2))
         counts = torch.zeros(self.bins, device=t.device).index_add_(0, b, torch.ones_like(losses, dtype=torch.float))
         seen = counts > 0
@@ -103,6 +112,7 @@ class AdaptiveTimesteps:
 
     def load_state_dict(self, state):
         self.mean_sq = state["mean_sq"]
+        self.edges = self.edges.to(self.mean_sq.device)
 
 
 class DiffusionLoss:
