@@ -381,8 +381,6 @@ def main(argv=None):
     out = Path(writable_output(args.out or REPO / "bench" / "results" / (
         f"{device.type}-{datetime.date.today().isoformat()}{'' if args.preset == 'default' else '-' + args.preset}"
         f"{'-quick' if args.quick else ''}.json")))
-    names = [n for n in requested if n != REFERENCE]
-    with_reference = REFERENCE in requested
     config_for = lambda name: model_config(name, args.compile, args.preset)  # noqa: E731
     s = settings_for(device, args.quick, config_for("unet").batch_size, args.train_batch)
     dtype = compute_dtype(device, config_for("unet").amp)
@@ -397,25 +395,29 @@ def main(argv=None):
 
     save = lambda: out.write_text(json.dumps(report, indent=2) + "\n")  # noqa: E731
 
-    for name in names:
-        report["models"][name] = benchmark_model(name, config_for(name), device, s)
-        save()  # after each model: a run stopped by a time limit keeps what it measured
-    if with_reference:
+    def measure_reference():
         try:
             import diffusers
         except ImportError:
             notes.append(f"{REFERENCE} skipped: diffusers is not installed (pip install diffusers)")
+            return
+        cfg = config_for("unet")
+        with torch.device("meta"):  # shapes only
+            ours = parameter_count(build_denoiser(cfg, NUM_CLASSES, 3, cfg.image_size))
+        network, layout = diffusers_reference(cfg, ours)
+        result = benchmark_model(REFERENCE, cfg, device, s, network)
+        result.update(diffusers_version=diffusers.__version__, matched_to="unet",
+                      param_ratio_to_unet=result["params"] / ours, **layout)
+        report["models"][REFERENCE] = result
+        notes.append(f"{REFERENCE}: widths {layout['block_out_channels']}, {result['params'] / ours:.3f}x the "
+                     f"parameters of our unet, same batch, loss, optimizer, EMA and sampler")
+
+    for name in requested:  # in the order asked for: what a time limit cuts short is the last
+        if name == REFERENCE:
+            measure_reference()
         else:
-            cfg = config_for("unet")
-            with torch.device("meta"):  # shapes only
-                ours = parameter_count(build_denoiser(cfg, NUM_CLASSES, 3, cfg.image_size))
-            network, layout = diffusers_reference(cfg, ours)
-            result = benchmark_model(REFERENCE, cfg, device, s, network)
-            result.update(diffusers_version=diffusers.__version__, matched_to="unet",
-                          param_ratio_to_unet=result["params"] / ours, **layout)
-            report["models"][REFERENCE] = result
-            notes.append(f"{REFERENCE}: widths {layout['block_out_channels']}, {result['params'] / ours:.3f}x the "
-                         f"parameters of our unet, same batch, loss, optimizer, EMA and sampler")
+            report["models"][name] = benchmark_model(name, config_for(name), device, s)
+        save()  # after each model: a run stopped by a time limit keeps what it measured
     report["load_average_end"] = os.getloadavg()[0]
     # The load at the end counts this process's own threads; only what is beyond them is contention.
     busiest = max(report["load_average_start"], report["load_average_end"] - torch.get_num_threads())
