@@ -163,6 +163,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
     if budget is not None and seconds >= budget and epoch < total_epochs and dist.is_main():
         tqdm.write(f"[{stage.kind}] its {max_minutes:g}-minute budget is spent ({seconds / 60:.1f} min); "
                    f"give a larger one to train on (0: none)")
+
     def patience_spent():
         return bool(getattr(stage, "early_stopping", False) and cfg.patience and since_best >= cfg.patience)
 
