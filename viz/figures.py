@@ -45,10 +45,15 @@ def labelled_rows(rows, row_names, path, title=None, col_names=None):
         axes[0, 0].set_xticks([2 + step * i + size / 2 for i in range(len(col_names))])
         axes[0, 0].set_xticklabels(col_names, fontsize=8)
         axes[0, 0].xaxis.tick_top()
+    _save(fig, path, title)
+
+
+def _save(fig, path, title=None, dpi=120):
+    """Title, layout, write, and free the figure (pyplot keeps every open one)."""
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -73,10 +78,7 @@ def plot_losses(run, stage, path):
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle(f"{stage} ({run.folder})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, f"{stage} ({run.folder})", dpi=110)
     return True
 
 
@@ -200,9 +202,7 @@ def latent_space_figure(latents, labels, class_names, centers, path, seed=0):
                 ax.scatter(cxy[c, 0], cxy[c, 1], marker="X", s=160, color=cmap(j % cmap.N), edgecolor="black")
         ax.set_title(f"{title} of held-out latents (X: class centers)", fontsize=10)
     axes[0].legend(fontsize=8, markerscale=2, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def denoising_path_figure(pipe, label, real_latents, real_labels, path, num_samples=6, seed=0, **sample_kwargs):
@@ -229,9 +229,7 @@ def denoising_path_figure(pipe, label, real_latents, real_labels, path, num_samp
     ax.set_title(f"denoising paths of {num_samples} '{pipe.class_names[label]}' samples "
                  f"(x0 estimate per step; o start, * end), PCA of real latents", fontsize=9)
     ax.legend(fontsize=7, markerscale=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def sweep_figure(rows, path, title=None):
@@ -257,11 +255,7 @@ def sweep_figure(rows, path, title=None):
         ax.set_xlabel("guidance scale", fontsize=8)
         ax.set_title(name, fontsize=9)
     axes[0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, title, dpi=110)
 
 
 def save_individual(images, folder, prefix):
