@@ -315,9 +315,11 @@ def _refuse_options_of_other_datasets(flags, dataset):
 
 
 def refuse_unused_flags(args, used, policed, what):
-    """A flag that `what` does not read is refused, never parsed and ignored."""
+    """A flag that `what` does not read is refused, never parsed and ignored. Given means set:
+    not None (no value) and not False (a switch left off); a 0 is given."""
     for name in sorted(policed - set(used)):
-        if getattr(args, name, None) not in (None, False):
+        value = getattr(args, name, None)
+        if value is not None and value is not False:
             raise UserError(f"--{name} does not apply to {what}")
 
 

@@ -100,10 +100,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# The flags --train_classifier reads besides the ones every entry point shares; the rest are refused.
+# What each stage reads, so that a flag no stage of the command reads is refused rather than
+# written unused into the run's config.json. The classifier: these beside the shared flags.
 COMMON_FLAGS = set(vars(add_common_args(argparse.ArgumentParser()).parse_args([])))
 CLASSIFIER_FLAGS = {"train_classifier", "epochs", "lr", "resume", "hflip", "classifier_width", "picture_every",
                     "checkpoint_every", "log_every", "classifier_epochs", "classifier_lr", "classifier_batch_size"}
+# Read by the VAE-GAN stage alone, and by the denoiser stage alone (its sampling flags set the
+# run's pictures and sampling defaults); --latent_channels both (the denoiser's must match its VAE).
+VAE_FLAGS = {"vae_block_attention", "perceptual_weight", "vgg_weights", "vae_grad_clip", "vae_lr_schedule",
+             "vae_res_blocks", "kl_weight", "kl_start_epoch", "kl_warmup_epochs", "classifier_weight", "center_weight",
+             "repulsion_weight", "class_loss_start_epoch", "class_loss_ramp_epochs", "adv_weight", "adv_start_epoch",
+             "adv_ramp_epochs", "vae_epochs", "vae_minutes"}
+DENOISER_FLAGS = {"base_channels", "attention", "transformer_width", "transformer_depth", "patch_size", "schedule",
+                  "timesteps", "prediction", "loss_weighting", "label_dropout", "loss", "timestep_sampling", "patience",
+                  "ema_decay", "warmup_steps", "lr_schedule", "weight_decay", "dropout", "eval_every", "eval_samples",
+                  "classifier_path", "compile", "diffusion_epochs", "diffusion_minutes", "sampler", "steps",
+                  "guidance_scale", "guidance_schedule", "guidance_interval"}
+
+
+def refuse_flags_no_stage_reads(args):
+    if args.train_classifier:
+        refuse_unused_flags(args, CLASSIFIER_FLAGS, set(vars(args)) - COMMON_FLAGS, "--train_classifier")
+    elif args.train_vae:
+        refuse_unused_flags(args, (), DENOISER_FLAGS | {"classifier_width"}, "--train_vae")
+    elif args.train_diffusion:
+        refuse_unused_flags(args, (), VAE_FLAGS | {"classifier_width"}, "--train_diffusion")
+    else:
+        refuse_unused_flags(args, (), {"classifier_width"}, "--train_all")
 
 
 def stage_overrides(args):
@@ -152,8 +175,8 @@ def main(argv=None):
                             f"--resume)")
         train(cfg, checkpoint_path=args.checkpoint_path, total_epochs=args.total_epochs)
         return 0
+    refuse_flags_no_stage_reads(args)
     if args.train_classifier:
-        refuse_unused_flags(args, CLASSIFIER_FLAGS, set(vars(args)) - COMMON_FLAGS, "--train_classifier")
         if args.results_dir is None:  # its own folder, also when resuming
             from training.classifier import default_classifier_dir
             args.results_dir = default_classifier_dir(build_config(args))

@@ -25,8 +25,9 @@ import fixtures
 from helpers_cli import assert_one_line_error, one_torch_thread, run_cli, snapshot, snapshot_changes
 
 IMAGE_SIZE = 16  # tiny images: the runs below are only there to be pointed at
-TRAIN = ["--dataset", "folder", "--preset", "tiny", "--batch_size", "8", "--image_size", IMAGE_SIZE,
-         "--base_channels", "16", "--perceptual_weight", "0", "--picture_every", "100"]
+SHARED = ["--dataset", "folder", "--preset", "tiny", "--batch_size", "8", "--image_size", IMAGE_SIZE,
+          "--picture_every", "100"]  # what every stage reads
+TRAIN = [*SHARED, "--base_channels", "16"]  # and the denoiser's width: --train_diffusion and --train_all
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ CASES = [
     case("main_flag_prefix_is_not_guessed", *M, "--vae_lr", "cosine", contains="unrecognized arguments: --vae_lr"),
     case("main_eval_samples_one", *M, "--eval_every", "1", "--eval_samples", "1", contains="--eval_samples"),
     case("main_image_size_not_halvable", *M, "--image_size", "17", contains="divisible by 2"),
-    case("main_vgg_weights_not_a_checkpoint", "main.py", "--train_vae", *TRAIN, "--data_root", "{data}",
+    case("main_vgg_weights_not_a_checkpoint", "main.py", "--train_vae", *SHARED, "--data_root", "{data}",
          "--results_dir", "{fresh}", "--perceptual_weight", "0.1", "--vgg_weights", "{text}",
          contains="not a readable VGG16 checkpoint"),
     case("main_checkpoint_into_another_run", *M[:-1], "{latent}", "--checkpoint_path",
@@ -98,7 +99,7 @@ CASES = [
          contains="--total_epochs"),
     case("main_checkpoint_other_model", *M, "--checkpoint_path", "{pixel}/conditional_diffusion_last.pt",
          "--total_epochs", "3", "--model", "attn_unet", contains="not --model attn_unet"),
-    case("main_train_vae_pixel_model", "main.py", "--train_vae", "--model", "unet", *TRAIN, "--data_root",
+    case("main_train_vae_pixel_model", "main.py", "--train_vae", "--model", "unet", *SHARED, "--data_root",
          "{data}", "--results_dir", "{fresh}", contains="no VAE"),
     case("main_fresh_run_over_earlier_run", *M[:-1], "{pixel}", contains="--resume"),
     case("main_resume_with_missing_data", *M[:-4], "--data_root", "{missing}", "--results_dir", "{pixel}",
@@ -360,7 +361,7 @@ def test_training_into_a_read_only_folder_is_refused_before_loading_data(battery
     _read_only(monkeypatch, parent)
     run = parent / "run"
     with one_torch_thread():
-        flags = TRAIN if stage != "--train_classifier" else [*TRAIN[:8], *TRAIN[-2:]]  # no denoiser or VAE flags
+        flags = TRAIN if stage == "--train_diffusion" else SHARED
         status = run_main(main.main, [stage, *map(str, flags), "--data_root", str(battery.paths.data),
                                       "--results_dir", str(run)])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
@@ -372,6 +373,16 @@ def test_training_into_a_read_only_folder_is_refused_before_loading_data(battery
 # The same contract checked in-process through run_main (what each script's __main__ runs): a
 # subprocess costs ~4 s of CPU to import torch, too much for cases that need no fresh process.
 IN_PROCESS = [
+    # a flag no stage of the command reads (a 0 is a value given, not an absent flag)
+    case("main_vae_flag_to_the_denoiser", *M, "--kl_weight", "0.5", contains="--kl_weight does not apply to "
+         "--train_diffusion"),
+    case("main_denoiser_flag_to_the_vae", "main.py", "--train_vae", *SHARED, "--data_root", "{data}", "--results_dir",
+         "{fresh}", "--dropout", "0", contains="--dropout does not apply to --train_vae"),
+    case("main_classifier_flag_to_train_all", "main.py", "--train_all", *TRAIN, "--data_root", "{data}",
+         "--results_dir", "{fresh}", "--classifier_width", "8", contains="--classifier_width does not apply to "
+         "--train_all"),
+    case("vis_zero_of_a_flag_the_mode_does_not_read", "visualize.py", "--mode", "loss_curves", "--results_dir",
+         "{pixel}", "--guidance_scale", "0", contains="--guidance_scale does not apply to --mode loss_curves"),
     case("gen_class_name_empty", "generate.py", "--results_dir", "{pixel}", "--class_name", "", "--num_samples", "1",
          contains="--class_name is empty"),  # not taken for 'all'
     case("vis_class_name_empty", "visualize.py", "--mode", "denoising_steps", "--results_dir", "{pixel}",

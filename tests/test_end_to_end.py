@@ -13,7 +13,7 @@ import visualize
 from config import Config, build_config
 from training.checkpoint import load_checkpoint
 
-TINY = ["--preset", "tiny", "--batch_size", "8", "--perceptual_weight", "0", "--device", "cpu"]
+TINY = ["--preset", "tiny", "--batch_size", "8", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +77,28 @@ def test_generate_writes_grid_and_images_and_is_seeded(latent_run, tmp_path):
     assert sorted(os.listdir(os.path.join(out1, "dog"))) == ["dog_000.png", "dog_001.png", "notes.txt"]
 
 
-def test_generate_all_classes_and_sampler_options(latent_run, tmp_path):
+def test_generate_all_classes_and_sampler_options(latent_run, tmp_path, monkeypatch):
+    """The sampling flags reach the guidance and the sampler the grids are drawn with."""
+    import pipeline
+    seen = []
+
+    def make_denoiser(*args, **kwargs):
+        seen.append(("guidance", args[5], args[6], kwargs["steps"]))
+        return real_make_denoiser(*args, **kwargs)
+
+    def run_sampler(name, denoise, x_T, schedule, steps, **kwargs):
+        seen.append(("sampler", name, steps))
+        return real_run_sampler(name, denoise, x_T, schedule, steps, **kwargs)
+
+    real_make_denoiser, real_run_sampler = pipeline.make_denoiser, pipeline.run_sampler
+    monkeypatch.setattr(pipeline, "make_denoiser", make_denoiser)
+    monkeypatch.setattr(pipeline, "run_sampler", run_sampler)
     out = str(tmp_path / "all")
     assert generate.main(["--results_dir", latent_run, "--class_name", "all", "--num_samples", "2", "--output_dir", out,
                           "--sampler", "dpmpp", "--steps", "5", "--guidance_scale", "3",
                           "--guidance_schedule", "adaptive", "--device", "cpu"]) == 0
     assert {"cat_grid.png", "dog_grid.png"} <= set(os.listdir(out))
+    assert seen and set(seen) == {("guidance", 3.0, "adaptive", 5), ("sampler", "dpmpp", 5)}, seen
 
 
 def test_sampling_runs_the_network_under_the_asked_precision(latent_run):

@@ -253,6 +253,9 @@ def test_reference_stats_are_cached_and_fid_kid_uses_them(tmp_path):
 
     scores = inception.fid_kid(cached, features, real_stats=(mu, sigma), kid_subsets=5, kid_subset_size=100)
     assert set(scores) == {"fid", "kid_mean", "kid_std"} and abs(scores["fid"]) < 1e-6
+    # FID against the statistics given, not those of the features passed beside them (KID's)
+    shifted = inception.fid_kid(cached, features, real_stats=(mu + 1, sigma), kid_subsets=5, kid_subset_size=100)
+    assert shifted["fid"] == pytest.approx(8.0, rel=1e-6) and shifted["kid_mean"] == scores["kid_mean"]
 
 
 def test_reference_stats_in_an_unwritable_place_serve_the_run_uncached(tmp_path, capsys):

@@ -21,8 +21,8 @@ from training.vae_gan import loss_weights
 
 # A constant VAE lr: the default cosine spans --vae_epochs, so continuing a 1-epoch run to 2 epochs
 # (--total_epochs) would follow another schedule than a 2-epoch run (its own test: test_reliability).
-TINY = ["--preset", "tiny", "--perceptual_weight", "0", "--device", "cpu", "--steps", "5",
-        "--vae_lr_schedule", "constant"]
+VAE_ONLY, DENOISER_ONLY = ["--vae_lr_schedule", "constant"], ["--steps", "5"]  # the other stage refuses them
+TINY = ["--preset", "tiny", "--device", "cpu", *VAE_ONLY, *DENOISER_ONLY]
 SEED = 3
 S5_NAMES = ("vae_gan_best.pt", "vae_gan_last.pt", "conditional_diffusion_final.pt", "autoencoder_losses.png",
             "diffusion_loss.png", "vae_samples_grid_subset.png", "config.json", "metrics.csv")
@@ -38,9 +38,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def celeba_args(root, results_dir, *extra):
+def celeba_args(root, results_dir, *extra, stage=None):
+    """The run's flags for --train_all, or for one stage ("vae" or "denoiser") without the other's."""
+    tiny = [*TINY[:4], *(VAE_ONLY if stage != "denoiser" else []), *(DENOISER_ONLY if stage != "vae" else [])]
     return ["--dataset", "celeba_smiling", "--data_root", str(root), "--results_dir", str(results_dir),
-            "--seed", str(SEED), "--batch_size", "4", *TINY, *extra]
+            "--seed", str(SEED), "--batch_size", "4", *tiny, *extra]
 
 
 def train_all(args, epochs=2):
@@ -271,7 +273,7 @@ def test_many_classes_default_to_a_spread():
 
 def test_vae_resume_to_total_epochs_matches_an_uninterrupted_run(celeba_run, celeba_root, tmp_path, capsys):
     run_a = tmp_path / "a"
-    assert main.main(["--train_vae", "--epochs", "1"] + celeba_args(celeba_root, run_a)) == 0
+    assert main.main(["--train_vae", "--epochs", "1"] + celeba_args(celeba_root, run_a, stage="vae")) == 0
     assert load_checkpoint(str(run_a / "vae_gan_last.pt"))["epoch"] == 1
     capsys.readouterr()
     assert main.main(["--train_vae", "--checkpoint_path", str(run_a / "vae_gan_last.pt"), "--total_epochs", "2",
@@ -293,7 +295,7 @@ def test_denoiser_resume_to_total_epochs_matches_an_uninterrupted_run(celeba_run
     run_c.mkdir()
     for name in ("vae_gan_best.pt", "vae_gan_last.pt"):  # the uninterrupted run's VAE
         shutil.copy(celeba_run / name, run_c / name)
-    assert main.main(["--train_diffusion", "--epochs", "1"] + celeba_args(celeba_root, run_c)) == 0
+    assert main.main(["--train_diffusion", "--epochs", "1"] + celeba_args(celeba_root, run_c, stage="denoiser")) == 0
     uninterrupted = load_checkpoint(str(celeba_run / "conditional_diffusion_final.pt"))
     expected = epoch_values(celeba_run, "conditional_diffusion", 2)
     # Into a folder without the VAE (the checkpoint holds its own), then into its own folder (S5's form).

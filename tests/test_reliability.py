@@ -26,7 +26,7 @@ import fixtures
 from helpers_cli import assert_one_line_error, one_torch_thread, run_cli, run_many, start_cli
 
 RUN = ["--train_diffusion", "--model", "unet", "--dataset", "folder", "--preset", "tiny", "--batch_size", "4",
-       "--image_size", "16", "--base_channels", "16", "--perceptual_weight", "0", "--checkpoint_every", "1",
+       "--image_size", "16", "--base_channels", "16", "--checkpoint_every", "1",
        "--picture_every", "1000", "--seed", "3", "--patience", "0"]
 STAGE = "conditional_diffusion"
 LAST, FINAL = f"{STAGE}_last.pt", f"{STAGE}_final.pt"
@@ -205,7 +205,7 @@ def test_continuing_into_a_new_folder_with_nothing_left_to_train_writes_its_file
 def test_resume_takes_each_stage_settings_from_its_own_checkpoint(data, tmp_path):
     """Every stage rewrites config.json: after a separate --train_diffusion, --train_vae --resume
     still continues with the VAE's own settings (here its KL weight and batch), not the denoiser's."""
-    vae = ["--dataset", "folder", "--preset", "tiny", "--image_size", "16", "--perceptual_weight", "0",
+    vae = ["--dataset", "folder", "--preset", "tiny", "--image_size", "16",
            "--picture_every", "1000", "--data_root", data, "--results_dir", tmp_path]
     assert train_in_process(["--train_vae", *vae, "--epochs", "1", "--batch_size", "4", "--kl_weight", "0.01"]) == 0
     assert train_in_process(["--train_diffusion", *vae, "--epochs", "1", "--batch_size", "4"]) == 0
@@ -645,8 +645,9 @@ def test_a_folder_holding_another_kind_of_run_is_refused(data, reference, tmp_pa
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     before = _snapshot(run_dir)
-    argv = [a if a != "--train_diffusion" else "--train_vae" for a in run_args(data, run_dir, 1)]
-    assert train_in_process([*argv, "--model", "latent_unet"]) == 2
+    argv = ["--train_vae", "--model", "latent_unet", "--dataset", "folder", "--preset", "tiny", "--image_size", "16",
+            "--data_root", data, "--results_dir", run_dir, "--epochs", "1"]
+    assert train_in_process(argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"holds {FINAL} of --model unet" in line and "not --model latent_unet" in line, line
     assert _snapshot(run_dir) == before
