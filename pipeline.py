@@ -1,6 +1,7 @@
 """A trained run as one object: denoiser (+ VAE for latent models) + schedule + class names.
 Samples images for labels with any sampler and guidance; generate.py, visualize.py, the
 evaluation code and the training pictures all go through it."""
+import json
 import os
 
 import torch
@@ -180,6 +181,27 @@ def load_weights(module, weights, path, part):
 def first_file(folder, names):
     """The first of `names` that exists in `folder`, or None."""
     return next((os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))), None)
+
+
+def config_of_saved_run(args, folder, names, what):
+    """The flags in `args` over the config a run in `folder` was trained with (build_config's rule:
+    only runtime settings may differ): the config inside the first of the checkpoints `names`
+    there is (each stage rewrites config.json, and so does a classifier trained into the folder),
+    else config.json's. Returns (config, the file it came from); (None, config.json) where neither
+    exists. `what` names the command in the error for a config edited into nonsense."""
+    own = first_file(folder, names)
+    source = own or os.path.join(folder, "config.json")
+    if own is None and not os.path.isfile(source):
+        return None, source
+    try:
+        if own is not None:
+            saved = load_checkpoint(own)["config"]
+        else:
+            with open(source) as f:
+                saved = json.load(f)
+        return build_config(args, base=Config.from_dict(saved)), source
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise UserError(f"{what}: cannot read the run's config in {source}: {e}") from None
 
 
 def resolve_denoiser_path(results_dir=None, model_path=None):

@@ -125,26 +125,10 @@ def main(argv=None):
 
 def _refuse_flags_the_run_was_not_trained_with(args, run_dir):
     """For the one mode that loads no checkpoint, what the others do with theirs: a flag that
-    differs from how the run was trained is refused. The run's config is that of its denoiser or
-    VAE (config.json may be a classifier's trained into the folder since), else config.json."""
-    import json
-    from config import Config
-    from pipeline import DENOISER_FILES, VAE_FILES, first_file
-    from training.checkpoint import load_checkpoint
-    checkpoint = first_file(run_dir, DENOISER_FILES + VAE_FILES)
-    source = checkpoint or os.path.join(run_dir, "config.json")
-    if not os.path.isfile(source):
-        return  # nothing trained here: no curves either, which the caller says
-    try:
-        if checkpoint is not None:
-            saved = load_checkpoint(checkpoint)["config"]
-        else:
-            with open(source) as f:
-                saved = json.load(f)
-        saved = Config.from_dict(saved)
-    except (OSError, ValueError, TypeError) as e:  # a config.json edited into nonsense
-        raise UserError(f"cannot read the run's config in {source}: {e}") from None
-    build_config(args, base=saved)
+    differs from how the run was trained is refused (against its denoiser's or VAE's config:
+    config.json may be a classifier's trained into the folder since)."""
+    from pipeline import DENOISER_FILES, VAE_FILES, config_of_saved_run
+    config_of_saved_run(args, run_dir, DENOISER_FILES + VAE_FILES, "--mode loss_curves")
 
 
 def _held_out(cfg, limit=None):

@@ -1,5 +1,4 @@
 """What `main.py` runs: each stage's data, model and loop, with resume and final files."""
-import json
 import os
 import sys
 
@@ -119,22 +118,13 @@ def config_for_saved_run(args, stages, stage=None):
     `stage` checkpoint (by default the first of `stages` there is) when there is one (each stage
     rewrites config.json, so after a later stage it holds that stage's settings), else the
     folder's config.json."""
-    from pipeline import first_file
+    from pipeline import config_of_saved_run, first_file
     folder = args.results_dir or build_config(args).results_dir
     if first_file(folder, stages) is None:
         raise UserError(f"--resume: nothing to resume in {folder} (no {' or '.join(stages)})")
-    path = os.path.join(folder, "config.json")
-    own = first_file(folder, [stage] if stage else stages)
-    source = own or path
-    try:
-        if own is not None:
-            saved = Config.from_dict(load_checkpoint(own)["config"])
-        else:
-            with open(path) as f:
-                saved = Config.from_dict(json.load(f))
-        cfg = build_config(args, base=saved)
-    except (OSError, ValueError, TypeError, AttributeError) as e:  # a config edited into nonsense
-        raise UserError(f"--resume: cannot read the run's config in {source}: {e}") from None
+    cfg, source = config_of_saved_run(args, folder, [stage] if stage else stages, "--resume")
+    if cfg is None:
+        raise UserError(f"--resume: cannot read the run's config in {source}: there is no such file")
     cfg.results_dir = folder
     return cfg
 
