@@ -1,6 +1,7 @@
 """Evaluation of a trained run: offline metrics from the real-data classifier (per-class sample
 accuracy, Frechet distance and KID in its features, memorization), the standard Inception
 FID/KID when its weights are available, and the diffusion classifier."""
+import functools
 import os
 import sys
 import time
@@ -16,8 +17,19 @@ from training.run import device_name, git_commit
 
 
 def _load(cfg, split):
-    return load_dataset(cfg.dataset, cfg.data_root, split, cfg.image_size, val_fraction=cfg.val_fraction,
-                        attribute=cfg.attribute, flowers_splits=cfg.flowers_splits)
+    """One split of the run's data. A held-out split is read once per process: the check of its
+    classes, the classifier's check and the metrics each need it."""
+    read = _read_split if split == "train" else _read_heldout_split
+    return read(cfg.dataset, cfg.data_root, split, cfg.image_size, cfg.val_fraction, cfg.attribute,
+                cfg.flowers_splits)
+
+
+def _read_split(dataset, data_root, split, image_size, val_fraction, attribute, flowers_splits):
+    return load_dataset(dataset, data_root, split, image_size, val_fraction=val_fraction, attribute=attribute,
+                        flowers_splits=flowers_splits)
+
+
+_read_heldout_split = functools.lru_cache(maxsize=2)(_read_split)  # callers copy what they take (real_split)
 
 
 def fixed_subset(n, limit):
