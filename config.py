@@ -276,7 +276,7 @@ def add_common_args(parser):
                         "(default); 'official' uses the 1020-image train split")
     g.add_argument("--val_fraction", type=float, help="held-out share of train when a dataset has no "
                                                       "validation split (default 0.1)")
-    g.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    g.add_argument("--download", action="store_true", default=None, help="let torchvision download the dataset")
     g.add_argument("--amp", choices=AMP_MODES,
                    help="mixed precision of training and sampling (auto: bf16 where the hardware has it natively, "
                         "GPUs of compute capability 8.0+ and CPUs with AVX512-BF16 or AMX; fp16 with loss "
@@ -315,11 +315,11 @@ def _refuse_options_of_other_datasets(flags, dataset):
 
 
 def refuse_unused_flags(args, used, policed, what):
-    """A flag that `what` does not read is refused, never parsed and ignored. Given means set:
-    not None (no value) and not False (a switch left off); a 0 is given."""
+    """A flag that `what` does not read is refused, never parsed and ignored. Given means not None:
+    every flag defaults to None (switches too), so a 0 or a --no-X is given."""
     for name in sorted(policed - set(used)):
         value = getattr(args, name, None)
-        if value is not None and value is not False:
+        if value is not None:
             raise UserError(f"--{name} does not apply to {what}")
 
 

@@ -13,10 +13,10 @@ from training.optim import LR_SCHEDULES
 def parse_args(argv=None):
     p = ArgumentParser(prog="main.py", description=__doc__)
     stage = p.add_mutually_exclusive_group(required=True)
-    stage.add_argument("--train_vae", action="store_true", help="train the VAE-GAN (latent models)")
-    stage.add_argument("--train_diffusion", action="store_true", help="train the conditional denoiser")
-    stage.add_argument("--train_all", action="store_true", help="VAE-GAN then denoiser (pixel models: denoiser)")
-    stage.add_argument("--train_classifier", action="store_true",
+    stage.add_argument("--train_vae", action="store_true", default=None, help="train the VAE-GAN (latent models)")
+    stage.add_argument("--train_diffusion", action="store_true", default=None, help="train the conditional denoiser")
+    stage.add_argument("--train_all", action="store_true", default=None, help="VAE-GAN then denoiser (pixel models: denoiser)")
+    stage.add_argument("--train_classifier", action="store_true", default=None,
                        help="train the real-data classifier used by the offline metrics")
     p.add_argument("--epochs", type=positive_int, help="epochs of the stage being trained")
     p.add_argument("--vae_epochs", type=int, help="VAE-GAN epochs (with --train_all)")
@@ -30,7 +30,7 @@ def parse_args(argv=None):
                    help="train on images and their mirror images (default; --no-hflip where left and right "
                         "differ)")
     p.add_argument("--lr", type=float, help="learning rate of the stage(s) being trained")
-    p.add_argument("--resume", action="store_true", help="continue the run in --results_dir from its last checkpoint")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --results_dir from its last checkpoint")
     p.add_argument("--checkpoint_path", help="continue from this checkpoint (with --total_epochs)")
     p.add_argument("--total_epochs", type=positive_int, help="with --checkpoint_path: train until this many epochs")
     add_common_args(p)

@@ -381,6 +381,13 @@ IN_PROCESS = [
     case("main_classifier_flag_to_train_all", "main.py", "--train_all", *TRAIN, "--data_root", "{data}",
          "--results_dir", "{fresh}", "--classifier_width", "8", contains="--classifier_width does not apply to "
          "--train_all"),
+    # a switch turned off is given too (--no-compile: the VAE-GAN stage never compiles)
+    case("main_switch_off_to_the_vae", "main.py", "--train_vae", *SHARED, "--data_root", "{data}", "--results_dir",
+         "{fresh}", "--no-compile", contains="--compile does not apply to --train_vae"),
+    case("main_vae_switch_off_to_the_denoiser", *M, "--no-vae_block_attention",
+         contains="--vae_block_attention does not apply to --train_diffusion"),
+    case("main_switch_off_to_the_classifier", "main.py", "--train_classifier", "--data_root", "{data}",
+         "--results_dir", "{fresh}", "--no-compile", contains="--compile does not apply to --train_classifier"),
     case("vis_zero_of_a_flag_the_mode_does_not_read", "visualize.py", "--mode", "loss_curves", "--results_dir",
          "{pixel}", "--guidance_scale", "0", contains="--guidance_scale does not apply to --mode loss_curves"),
     case("gen_class_name_empty", "generate.py", "--results_dir", "{pixel}", "--class_name", "", "--num_samples", "1",
