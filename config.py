@@ -396,7 +396,7 @@ def validate(cfg):
          f"--guidance_interval LO HI needs 0 <= LO < HI and HI finite, got {_plain(cfg.guidance_interval)}"),
         (cfg.batch_size > 0 and cfg.vae_batch_size > 0, "--batch_size must be positive"),
         (all(0 < v <= 1 for v in (cfg.lr, cfg.vae_lr, cfg.classifier_lr)), "--lr must be in (0, 1]"),
-        (0 <= cfg.seed < 2 ** 63, f"--seed must be in [0, 2**63), got {cfg.seed}"),
+        (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {cfg.seed}"),
         (cfg.results_dir != "", "--results_dir must not be empty"),
         (min(cfg.log_every, cfg.picture_every, cfg.checkpoint_every, cfg.max_bad_steps) >= 1,
          "--log_every, --picture_every and --checkpoint_every must be at least 1"),

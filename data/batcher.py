@@ -56,5 +56,6 @@ class DeviceBatcher:
 
 
 def _mix(seed: int, epoch: int) -> int:
-    """One 64-bit generator seed per (seed, epoch): seed in the high 32 bits, epoch in the low."""
+    """One 64-bit generator seed per (seed, epoch): seed in the high 32 bits (the config keeps
+    --seed below 2**32, so no two seeds share an order), epoch in the low."""
     return ((seed & 0xFFFFFFFF) << 32) | (epoch & 0xFFFFFFFF)
