@@ -419,6 +419,15 @@ def validate(cfg):
         (cfg.image_size is None or cfg.image_size >= 8, f"--image_size must be at least 8, got {cfg.image_size}"),
         (0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), got {cfg.val_fraction}"),
         (0 <= cfg.label_dropout < 1, "--label_dropout must be in [0, 1)"),
+        (cfg.label_dropout > 0 or cfg.guidance_scale == 1,
+         f"--guidance_scale {cfg.guidance_scale:g} guides against the null label, which a run with --label_dropout 0 "
+         f"never trains: use --guidance_scale 1, or train with label dropout"),
+        # x0 = (x_t - sigma eps) / alpha with the cosine schedule's alpha = 5e-5 at the noisiest
+        # step turns an eps error of 1e-3 into an x0 error of 20; pixel models clip it to the data
+        # range, latents have none (Salimans & Ho 2022, section 4: predict v or x0 there).
+        (not (cfg.is_latent and cfg.schedule == "cosine" and cfg.prediction == "eps"),
+         "--prediction eps with --schedule cosine makes a latent model's samples blow up (alpha is 5e-5 at the "
+         "noisiest step, and latents cannot be clipped like pixels): use --prediction v or x0, or --schedule linear"),
         (cfg.patience >= 0, f"--patience must not be negative, got {cfg.patience}"),
         (min(cfg.base_channels, cfg.vae_base_channels, cfg.disc_channels, cfg.latent_channels,
              cfg.transformer_width, cfg.transformer_depth, cfg.transformer_decoder_channels, cfg.classifier_width,

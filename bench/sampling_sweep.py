@@ -10,6 +10,7 @@ Writes the JSON and, beside it under the same name, a plot of accuracy, FD and K
 guidance scale.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import AMP_MODES, DEVICES, MAX_GUIDANCE, ArgumentParser, positive_int  # noqa: E402
+from config import AMP_MODES, DEVICES, MAX_GUIDANCE, ArgumentParser, positive_int, validate  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
 from diffusion.guidance import GUIDANCE_SCHEDULES  # noqa: E402
@@ -114,6 +115,8 @@ def main(argv=None):
     # --seed through the run's config, whose validation checks its range as generate.py's
     pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema,
                          overrides=argparse.Namespace(amp=args.amp, seed=args.seed))
+    for scale in scales:  # the run's own checks, at each scale (guidance needs a trained null label)
+        validate(dataclasses.replace(pipe.cfg, guidance_scale=scale))
     timesteps = pipe.cfg.timesteps
     too_long = [f"{sampler}:{steps}" for sampler, steps in specs if steps > timesteps]
     if too_long:

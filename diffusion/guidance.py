@@ -44,11 +44,13 @@ def make_denoiser(model, schedule, prediction, labels, null_label, guidance_scal
     """Wrap a network model(x, t, y) into denoise(x, t) -> (x0_hat, eps_hat) with guidance.
     `steps` (the sampler's step count) lets the scale schedule know how far along a call is;
     outside `guidance_interval` (see in_guidance_interval) the scale is 1."""
+    if steps is None and guidance_schedule != "constant" and guidance_scale > 1:
+        raise ValueError(f"a {guidance_schedule!r} guidance schedule needs the sampler's step count")
     calls = {"n": 0}
 
     def denoise(x, t):
         # a single step sits in the middle of its ramp, so it is guided at the scale asked for
-        progress = 0.5 if steps == 1 else min(calls["n"] / max((steps or 1) - 1, 1), 1.0)
+        progress = 0.5 if steps in (None, 1) else min(calls["n"] / (steps - 1), 1.0)
         calls["n"] += 1
         w = guidance_scale_at(guidance_scale, guidance_schedule, progress)
         if not in_guidance_interval(schedule, t, guidance_interval):

@@ -381,6 +381,12 @@ IN_PROCESS = [
     case("main_classifier_flag_to_train_all", "main.py", "--train_all", *TRAIN, "--data_root", "{data}",
          "--results_dir", "{fresh}", "--classifier_width", "8", contains="--classifier_width does not apply to "
          "--train_all"),
+    # guidance against a null label the run never trains; eps where a latent model cannot clip x0
+    case("main_guidance_without_label_dropout", *M, "--label_dropout", "0",
+         contains="--guidance_scale 11 guides against the null label, which a run with --label_dropout 0 never trains"),
+    case("main_latent_eps_on_the_cosine_schedule", "main.py", "--train_diffusion", *TRAIN, "--data_root", "{data}",
+         "--results_dir", "{fresh}", "--prediction", "eps",
+         contains="--prediction eps with --schedule cosine makes a latent model's samples blow up"),
     # a switch turned off is given too (--no-compile: the VAE-GAN stage never compiles)
     case("main_switch_off_to_the_vae", "main.py", "--train_vae", *SHARED, "--data_root", "{data}", "--results_dir",
          "{fresh}", "--no-compile", contains="--compile does not apply to --train_vae"),
@@ -456,3 +462,15 @@ def test_no_earlier_run_changed(battery):
     """After every case: no file of the pre-trained runs or the data was added, removed or changed."""
     changes = [text for text, _ in battery.changes()]
     assert not changes, f"files of earlier runs changed: {changes}"
+
+
+def test_sampling_a_run_trained_without_label_dropout_at_another_guidance_is_refused():
+    """--preset s1 trains no null label (label dropout 0, guidance 1): scale 1 samples, 3 is refused."""
+    from argparse import Namespace
+
+    from config import build_config
+    from errors import UserError
+    saved = build_config(Namespace(preset="s1"))
+    assert build_config(Namespace(guidance_scale=1.0), base=saved).guidance_scale == 1.0
+    with pytest.raises(UserError, match="--guidance_scale 3 guides against the null label"):
+        build_config(Namespace(guidance_scale=3.0), base=saved)

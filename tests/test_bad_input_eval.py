@@ -111,6 +111,25 @@ def test_sampling_sweep_checks_the_seeds_range_as_the_config_does(runs, capsys, 
                                           "--out", tmp_path / "sweep.json"], contains=["--seed must be in [0, 2**32)"])
 
 
+def test_sampling_sweep_refuses_guidance_a_run_never_trained(runs, capsys, monkeypatch, tmp_path):
+    """A run trained with label dropout 0 (as --preset s1 is) has no null label to guide against."""
+    import dataclasses
+
+    from bench import sampling_sweep
+    load = sampling_sweep.load_pipeline
+
+    def without_label_dropout(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        pipe.cfg = dataclasses.replace(pipe.cfg, label_dropout=0.0, guidance_scale=1.0)
+        return pipe
+
+    monkeypatch.setattr(sampling_sweep, "load_pipeline", without_label_dropout)
+    monkeypatch.setattr(sampling_sweep, "load_real_classifier", not_reached)
+    refused(capsys, sampling_sweep.main, ["--results_dir", runs.run, "--device", "cpu", "--guidance", "1,2",
+                                          "--out", tmp_path / "sweep.json"],
+            contains=["--guidance_scale 2 guides against the null label"])
+
+
 # --- visualize.py ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["latent_space", "denoising_path"])

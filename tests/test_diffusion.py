@@ -265,6 +265,18 @@ def test_guidance_ramp_follows_the_samplers_steps():
     assert scales_seen(3.0, "linear", 4) == pytest.approx([1.0, 7 / 3, 11 / 3, 5.0])
 
 
+def test_a_ramped_guidance_schedule_needs_the_step_count():
+    """Without it every call after the first would sit at the ramp's end (2w - 1)."""
+    def first_two_scales(schedule):
+        den = make_denoiser(ScaleSpy(), NoiseSchedule("cosine", 100), "x0", torch.tensor([0]), null_label=2,
+                            guidance_scale=3.0, guidance_schedule=schedule)
+        return [float(den(torch.zeros(1, 1), torch.tensor([t]))[0]) for t in (90, 45)]
+
+    with pytest.raises(ValueError, match="needs the sampler's step count"):
+        first_two_scales("linear")
+    assert first_two_scales("constant") == [3.0, 3.0]  # a constant scale needs no count
+
+
 @pytest.mark.parametrize("schedule", GUIDANCE_SCHEDULES)
 def test_scales_up_to_one_are_not_ramped(schedule):
     """0 is the unconditional model at every step (a ramp would run from conditional to -1)."""
