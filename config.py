@@ -462,11 +462,22 @@ def validate(cfg):
 
 
 def write_json(obj, path):
-    """Through a temporary file and a rename: a crash leaves the old file or the new, never half."""
+    """Through a temporary file and a rename: a crash leaves the old file or the new, never half.
+    NaN and infinities (a class with no samples) are written as null: strict JSON has no NaN."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(_finite_or_none(obj), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
+
+
+def _finite_or_none(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def save_config(cfg, path):

@@ -96,24 +96,26 @@ class Pipeline:
     @torch.inference_mode()
     def sample(self, labels, *, sampler=None, steps=None, guidance_scale=None, guidance_schedule=None,
                guidance_interval=None, seed=0, callback=None, x_T=None, decode=True, eta=0.0):
-        """Sample one image per label. Same seed, labels and settings: same images. The sampling
-        settings default to the run's; guidance_interval=(0, math.inf) guides at every step."""
+        """Sample one image per label. Same seed, labels and settings: same images. Image i starts
+        from noise of its own seed, seed + i, so it does not depend on the batch it is drawn in
+        (DDPM's step noise, from seed's stream, still does). The sampling settings default to the
+        run's; guidance_interval=(0, math.inf) guides at every step."""
         cfg = self.cfg
         sampler, steps = sampler or cfg.sampler, steps or cfg.steps
         guidance_scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
         labels = torch.as_tensor(labels, device=self.device, dtype=torch.long)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        generators = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(labels))]
         if x_T is None:
-            x_T = torch.randn((len(labels),) + self.sample_shape, generator=generator).to(self.device)
+            x_T = torch.stack([torch.randn(self.sample_shape, generator=g) for g in generators]).to(self.device)
         was_training = self.denoiser.training
         self.denoiser.eval()
         denoise = make_denoiser(self.network, self.schedule, cfg.prediction, labels, self.num_classes,
                                 guidance_scale, guidance_schedule or cfg.guidance_schedule,
                                 clip_x0=None if self.vae is not None else 1.0, steps=steps,
                                 guidance_interval=guidance_interval or cfg.guidance_interval)
-        # DDPM's noise from a seed drawn off the same stream: seed + 1 would replay the next
-        # batch's x_T when sample_batched runs batches of one.
-        noise_seed = int(torch.randint(2 ** 62, (1,), generator=generator))
+        # DDPM's noise from a seed drawn off the first image's stream: seed + 1 would replay the
+        # second image's x_T.
+        noise_seed = int(torch.randint(2 ** 62, (1,), generator=generators[0]))
         noise_generator = torch.Generator(device=self.device).manual_seed(noise_seed)
         z = run_sampler(sampler, denoise, x_T, self.schedule, steps, generator=noise_generator,
                         callback=callback, eta=eta)
@@ -140,8 +142,7 @@ class Pipeline:
                         f"--amp {self.cfg.amp}: try another sampler, lower guidance or --amp none")
 
     def sample_batched(self, labels, batch_size=256, **kwargs):
-        """Many images in batches; batch i uses seed + i so results do not depend on batch size
-        only through the seed sequence."""
+        """Many images in batches: image i from seed + i whatever the batch size (see sample)."""
         seed = kwargs.pop("seed", 0)
         labels = torch.as_tensor(labels)
         out = [self.sample(labels[i:i + batch_size], seed=seed + i, **kwargs).cpu()

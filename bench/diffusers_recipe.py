@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import DEVICES, ArgumentParser, Config, positive_int, validate  # noqa: E402
+from config import DEVICES, ArgumentParser, Config, positive_int, validate, write_json  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import load_dataset, to_uint8  # noqa: E402
 from data.batcher import DeviceBatcher  # noqa: E402
@@ -250,8 +250,7 @@ def main(argv=None):
         result["training_args"] = saved["config"]  # the budget, widths and seed it was trained with
     result.update(metrics(images, labels))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "eval.json"), "w") as f:  # first: the scores outlive a failed picture
-        json.dump(result, f, indent=2)
+    write_json(result, os.path.join(args.out, "eval.json"))  # first: the scores outlive a failed picture
     grid, width = class_rows(images, labels, num_classes)
     save_grid(grid, os.path.join(args.out, "samples_grid.png"), nrow=width)
     print(json.dumps({k: result[k] for k in ("params_m", "steps", "sample_accuracy", "classifier_fd",

@@ -8,7 +8,6 @@ deviation. A figure of the sampler and its timestep grid alone: the network is t
         [--out bench/results/NAME.json]
 """
 import datetime
-import json
 import os
 import sys
 
@@ -16,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import ArgumentParser  # noqa: E402
+from config import ArgumentParser, write_json  # noqa: E402
 from diffusion.gaussian import exact_ode_endpoint, gaussian_denoiser  # noqa: E402
 from diffusion.samplers import sample  # noqa: E402
 from diffusion.schedule import SCHEDULES, NoiseSchedule  # noqa: E402
@@ -77,8 +76,7 @@ def main(argv=None):
                   "samples": args.samples, "timesteps": args.timesteps, "commit": git_commit()[0],
                   "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
                   "results": {k: {str(s): r for s, r in v.items()} for k, v in results.items()}}
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(report, args.out)
         print(args.out)
 
 

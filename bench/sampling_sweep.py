@@ -11,7 +11,6 @@ guidance scale.
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -21,13 +20,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import AMP_MODES, DEVICES, MAX_GUIDANCE, ArgumentParser, positive_int, validate  # noqa: E402
+from config import AMP_MODES, DEVICES, MAX_GUIDANCE, ArgumentParser, positive_int, validate, write_json  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
 from diffusion.guidance import GUIDANCE_SCHEDULES  # noqa: E402
 from diffusion.samplers import SAMPLERS  # noqa: E402
 from evaluation.evaluate import (OfflineMetrics, balanced_labels, check_heldout_classes,  # noqa: E402
-                                 load_real_classifier)
+                                 check_sample_count, load_real_classifier)
 from pipeline import load_pipeline  # noqa: E402
 from training.loop import select_device  # noqa: E402
 from training.optim import amp_dtype  # noqa: E402
@@ -125,6 +124,7 @@ def main(argv=None):
     out = writable_output(args.out or os.path.join(args.results_dir, "sampling_sweep.json"))
     if not out.endswith(".json"):  # its figure goes beside it, under the same name with .png
         raise UserError(f"--out {out}: name a .json file")
+    check_sample_count(args.num_samples, pipe.num_classes, "the sweep")
     check_heldout_classes(pipe.cfg, pipe.class_names)
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
                              pipe.num_classes)
@@ -155,8 +155,7 @@ def main(argv=None):
               "compute_dtype": str(amp_dtype(device, pipe.cfg.amp) or torch.float32),
               "device": device_name(device), "commit": git_commit()[0],
               "class_names": pipe.class_names, "rows": rows}
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(report, out)
     figure = out[:-len(".json")] + ".png"
     sweep_figure(rows, figure, title=f"{report['run']}: {args.num_samples} samples, {report['weights']} weights")
     print(out)

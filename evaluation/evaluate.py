@@ -101,6 +101,7 @@ class OfflineMetrics:
 
     def __init__(self, classifier, cfg, device, num_classes):
         self.classifier, self.device, self.num_classes = classifier, device, num_classes
+        self.mirrors = cfg.hflip  # a model trained on mirror images may copy them mirrored
         # FD and KID compare with a fixed subset of 10,000 training images, as they did when FD/KID
         # figures were first recorded; near copies are looked for among all of them (computed on
         # first use: the sampling sweep never asks).
@@ -120,10 +121,19 @@ class OfflineMetrics:
 
     @property
     def all_train_feats(self):
+        """Features of every training image, then of their mirror images when training flipped them."""
         if self._all_train_feats is None:
             whole = len(self.train_subset) == len(self.train_images)  # the subset is then all of them, in order
-            self._all_train_feats = self.train_feats if whole else self.features(self.train_images)
+            feats = [self.train_feats if whole else self.features(self.train_images)]
+            if self.mirrors:
+                feats.append(self.features(self.train_images.flip(-1)))
+            self._all_train_feats = torch.cat(feats)
         return self._all_train_feats
+
+    def train_image(self, index):
+        """The training image of all_train_feats' row `index` (mirrored past the originals)."""
+        image = self.train_images[index % len(self.train_images)]
+        return image.flip(-1) if index >= len(self.train_images) else image
 
     def features(self, images_uint8):
         return extract_features(self.classifier.features, images_uint8, device=self.device)
@@ -137,23 +147,39 @@ class OfflineMetrics:
         feats = self.features(images_uint8)
         acc = self.accuracy(images_uint8, labels)
         kid_mean, kid_std = kernel_inception_distance(self.train_feats, feats, num_subsets=50)
+        # FD is biased upwards the more, the fewer the images: the floor is measured with as many
+        # held-out images as there are samples (all of them when there are fewer).
+        floor_feats = self.val_feats[fixed_subset(len(self.val_feats), len(feats))]
+        # The ratio compares mean per-class accuracies: the held-out split's class frequencies need
+        # not be the samples' (balanced) ones.
         out = {"sample_accuracy": acc["accuracy"], "sample_accuracy_per_class": acc["per_class"],
+               "sample_balanced_accuracy": acc["balanced_accuracy"],
                "real_heldout_accuracy": self.real_accuracy["accuracy"],
+               "real_heldout_balanced_accuracy": self.real_accuracy["balanced_accuracy"],
                "real_heldout_accuracy_per_class": self.real_accuracy["per_class"],
                "real_heldout_split": self.real_split,
-               "accuracy_ratio": acc["accuracy"] / max(self.real_accuracy["accuracy"], 1e-12),
+               "accuracy_ratio": acc["balanced_accuracy"] / max(self.real_accuracy["balanced_accuracy"], 1e-12),
                "classifier_fd": frechet_distance(self.train_feats, feats),
                "classifier_fd_heldout": frechet_distance(self.val_feats, feats),
-               "classifier_fd_real_floor": frechet_distance(self.train_feats, self.val_feats),
+               "classifier_fd_real_floor": frechet_distance(self.train_feats, floor_feats),
+               "classifier_fd_real_floor_images": len(floor_feats),
                "classifier_kid": kid_mean, "classifier_kid_std": kid_std}
         if memorization:
             from evaluation.memorization import memorization_report
             out["memorization"] = memorization_report(feats, self.val_feats, self.all_train_feats)
+            out["memorization"]["mirror_images_searched"] = self.mirrors
         return out
 
 
 def balanced_labels(num_samples, num_classes):
     return torch.arange(num_samples) % num_classes
+
+
+def check_sample_count(num_samples, num_classes, what):
+    """A class with no samples would go unscored yet count in FD's reference; KID compares pairs."""
+    if num_samples < max(2, num_classes):
+        raise UserError(f"{what} needs at least {max(2, num_classes)} samples (one per class of the {num_classes}, "
+                        f"and KID compares pairs), got --num_samples {num_samples}")
 
 
 def inception_metrics(cfg, images_uint8, weights_path, device, cache_dir):
@@ -167,7 +193,13 @@ def inception_metrics(cfg, images_uint8, weights_path, device, cache_dir):
     key = (f"{cfg.dataset}-{cfg.image_size}-train{split_digest(train_images, train_labels)}-"
            f"inception2048-{inception.weights_digest}")
     mu, sigma, real_feats = reference_stats(key, cache_dir, lambda: features(train_images))
-    return fid_kid(real_feats, features(images_uint8), real_stats=(mu, sigma))
+    out = fid_kid(real_feats, features(images_uint8), real_stats=(mu, sigma))
+    # Published FIDs use 50,000 samples against a dataset's whole training set: say what this one is.
+    out["fid_reference"] = f"{len(train_images)} images of the run's training split"
+    if len(images_uint8) < 2048:
+        out["fid_caveat"] = (f"{len(images_uint8)} samples, fewer than the 2048 features: the sample covariance is "
+                             f"singular and FID biased high; compare only at equal sample counts")
+    return out
 
 
 def evaluate_run(pipe, run_dir, args, seed, out_dir=None):
@@ -176,8 +208,7 @@ def evaluate_run(pipe, run_dir, args, seed, out_dir=None):
     out_dir = out_dir or run_dir
     cfg, device = pipe.cfg, pipe.device
     n = args.num_samples or 2000
-    if n < 2:
-        raise UserError(f"--evaluate needs at least 2 samples (KID compares pairs), got --num_samples {n}")
+    check_sample_count(n, pipe.num_classes, "--evaluate")
     start = time.time()
     check_heldout_classes(cfg, pipe.class_names)
     classifier = load_real_classifier(cfg, device, getattr(args, "classifier_path", None))
@@ -194,7 +225,7 @@ def evaluate_run(pipe, run_dir, args, seed, out_dir=None):
               "sampling_seconds": sampling_seconds, "class_names": pipe.class_names}
     result.update(offline(images, labels))
     from evaluation.memorization import save_closest_pairs
-    save_closest_pairs(os.path.join(out_dir, "memorization_closest_pairs.png"), images, offline.train_images,
+    save_closest_pairs(os.path.join(out_dir, "memorization_closest_pairs.png"), images, offline.train_image,
                        result["memorization"])
     if args.no_fid:
         result["fid_note"] = "skipped (--no_fid)"
@@ -249,11 +280,14 @@ def classify_run(pipe, out_dir, args, seed):
 
 def print_table(result):
     rows = [("samples", result["num_samples"]),
-            ("sample accuracy (classifier)", f"{result['sample_accuracy']:.4f}"),
-            (f"real held-out accuracy ({result['real_heldout_split']})", f"{result['real_heldout_accuracy']:.4f}"),
-            ("ratio", f"{result['accuracy_ratio']:.3f}"),
+            ("sample accuracy (classifier)", f"{result['sample_accuracy']:.4f} "
+                                             f"(balanced {result['sample_balanced_accuracy']:.4f})"),
+            (f"real held-out accuracy ({result['real_heldout_split']})",
+             f"{result['real_heldout_accuracy']:.4f} (balanced {result['real_heldout_balanced_accuracy']:.4f})"),
+            ("ratio of the balanced accuracies", f"{result['accuracy_ratio']:.3f}"),
             ("classifier FD (vs train)", f"{result['classifier_fd']:.4f}"),
-            ("classifier FD real floor (val vs train)", f"{result['classifier_fd_real_floor']:.4f}"),
+            (f"classifier FD real floor ({result['classifier_fd_real_floor_images']} val vs train)",
+             f"{result['classifier_fd_real_floor']:.4f}"),
             ("classifier KID", f"{result['classifier_kid']:.5f} ± {result['classifier_kid_std']:.5f}"),
             ("near-copy fraction", f"{result['memorization']['near_copy_fraction']:.4f} "
                                    f"(held-out real: {result['memorization']['heldout_flagged_fraction']:.4f})")]

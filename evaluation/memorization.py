@@ -48,12 +48,11 @@ def memorization_report(
     }
 
 
-def save_closest_pairs(
-    path, gen_images_uint8: torch.Tensor, train_images_uint8: torch.Tensor, report: dict, k: int = 16
-) -> None:
-    """One PNG, a row per pair: generated sample (left) | its nearest training image (right)."""
+def save_closest_pairs(path, gen_images_uint8: torch.Tensor, train_image, report: dict, k: int = 16) -> None:
+    """One PNG, a row per pair: generated sample (left) | its nearest training image (right).
+    train_image(i) is the training image of the report's training index i."""
     gen = gen_images_uint8[report["closest_gen_indices"][:k]].cpu()
-    train = train_images_uint8[report["closest_train_indices"][:k]].cpu()
+    train = torch.stack([train_image(i) for i in report["closest_train_indices"][:k]]).cpu()
     interleaved = torch.stack([gen, train], dim=1).flatten(0, 1)  # gen0, train0, gen1, train1, ...
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_image(interleaved.float() / 255, path, nrow=2, padding=2, pad_value=1.0)

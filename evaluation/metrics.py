@@ -71,7 +71,9 @@ def kernel_inception_distance(
 
 
 def per_class_accuracy(logits_or_preds, labels, num_classes: int) -> dict:
-    """Overall accuracy and accuracy per class (nan for a class with no labelled examples).
+    """Overall accuracy, accuracy per class (nan for a class with no labelled examples) and their
+    mean over the classes that have examples (balanced accuracy: what compares across splits
+    whose class frequencies differ).
 
     `logits_or_preds` is either logits [N, C] or predicted labels [N]."""
     preds = torch.as_tensor(logits_or_preds)
@@ -81,9 +83,11 @@ def per_class_accuracy(logits_or_preds, labels, num_classes: int) -> dict:
     correct = (preds == labels).double()
     class_counts = torch.bincount(labels, minlength=num_classes).double()
     class_correct = torch.bincount(labels, weights=correct, minlength=num_classes)
+    per_class = class_correct / class_counts  # 0/0 gives nan for empty classes
     return {
         "accuracy": correct.mean().item(),
-        "per_class": (class_correct / class_counts).tolist(),  # 0/0 gives nan for empty classes
+        "balanced_accuracy": per_class.nanmean().item(),
+        "per_class": per_class.tolist(),
         "class_counts": class_counts.long().tolist(),
     }
 

@@ -101,6 +101,17 @@ def test_a_classifier_checkpoint_missing_a_part_is_refused_by_name(runs, tmp_pat
         load_real_classifier(cfg, "cpu", str(damaged))
 
 
+def test_evaluate_needs_a_sample_of_every_class(monkeypatch):
+    """Two samples of a three-class run leave a class unscored: refused before any work."""
+    from errors import UserError
+    from evaluation import evaluate
+    monkeypatch.setattr(evaluate, "load_real_classifier", not_reached)
+    monkeypatch.setattr(evaluate, "check_heldout_classes", not_reached)
+    pipe = types.SimpleNamespace(cfg=None, device="cpu", num_classes=3)
+    with pytest.raises(UserError, match=r"needs at least 3 samples \(one per class of the 3, .*got --num_samples 2"):
+        evaluate.evaluate_run(pipe, "run", types.SimpleNamespace(num_samples=2), seed=0)
+
+
 # --- bench/sampling_sweep.py -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [2 ** 32, -1])

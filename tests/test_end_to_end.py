@@ -77,6 +77,18 @@ def test_generate_writes_grid_and_images_and_is_seeded(latent_run, tmp_path):
     assert sorted(os.listdir(os.path.join(out1, "dog"))) == ["dog_000.png", "dog_001.png", "notes.txt"]
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_a_samples_image_does_not_depend_on_the_batch_it_is_drawn_in(latent_run, sampler):
+    """Image i starts from seed + i: what --evaluate scores does not change with --batch_size."""
+    from pipeline import load_pipeline
+    pipe = load_pipeline(latent_run, device="cpu")
+    labels = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    whole = pipe.sample_batched(labels, batch_size=7, seed=3, sampler=sampler, steps=4)
+    in_threes = pipe.sample_batched(labels, batch_size=3, seed=3, sampler=sampler, steps=4)
+    assert torch.allclose(in_threes, whole, atol=1e-4)
+    assert torch.allclose(pipe.sample(labels[2:], seed=5, sampler=sampler, steps=4), whole[2:], atol=1e-4)
+
+
 def test_generate_all_classes_and_sampler_options(latent_run, tmp_path, monkeypatch):
     """The sampling flags reach the guidance and the sampler the grids are drawn with."""
     import pipeline
@@ -228,18 +240,39 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifie
                 "classifier_fd", "classifier_kid", "memorization", "fid", "kid_mean", "diffusion_classifier"):
         assert key in result, key
     assert result["num_samples"] == 16 and result["steps"] == 5
+    assert result["fid_reference"].endswith("images of the run's training split")
+    assert result["fid_caveat"].startswith("16 samples, fewer than the 2048 features")
     per_class = result["sample_accuracy_per_class"]  # 8 samples of each class were drawn and scored
     assert len(per_class) == 2 and all(0 <= a <= 1 for a in per_class)
     assert result["sample_accuracy"] == pytest.approx(sum(per_class) / 2)
     assert result["classifier_fd_real_floor"] > 0  # held-out against training images: never the same set
+    assert result["classifier_fd_real_floor_images"] == 2  # as many as the samples, or all there are
     # The reference accuracy is the classifier's on the test images, which chose no checkpoint.
     report = json.load(open(os.path.join(os.path.dirname(real_classifier), "classifier_report.json")))
     assert result["real_heldout_split"] == "test"
     assert result["real_heldout_accuracy"] == pytest.approx(report["test_accuracy"])
-    assert result["accuracy_ratio"] == pytest.approx(result["sample_accuracy"] / report["test_accuracy"])
+    assert result["real_heldout_balanced_accuracy"] == pytest.approx(sum(report["test_per_class"]) / 2)
+    assert result["accuracy_ratio"] == pytest.approx(result["sample_balanced_accuracy"] /
+                                                     result["real_heldout_balanced_accuracy"])
     assert os.path.isfile(os.path.join(latent_run, "memorization_closest_pairs.png"))
     assert generate.main(["--classify", "--results_dir", latent_run, "--num_samples", "4", "--device", "cpu"]) == 0
     assert 1 <= json.load(open(os.path.join(latent_run, "classify.json")))["images"] <= 4  # the fixture holds few
+
+
+def test_memorization_finds_mirrored_copies_of_the_training_images(latent_run, real_classifier):
+    """The run trained on mirror images too (--hflip, the default), so a mirrored training image is
+    a copy: found at distance 0 and shown mirrored beside the sample."""
+    from evaluation.evaluate import OfflineMetrics, load_real_classifier, real_split
+    cfg = Config.from_dict(json.load(open(os.path.join(latent_run, "config.json"))))
+    assert cfg.hflip
+    metrics = OfflineMetrics(load_real_classifier(cfg, "cpu", real_classifier), cfg, "cpu", 2)
+    images, labels = real_split(cfg, "train")
+    mirrored = images[:6].flip(-1)
+    report = metrics(mirrored, labels[:6])["memorization"]
+    assert report["mirror_images_searched"] and report["near_copy_fraction"] == 1.0
+    assert max(report["closest_distances"]) < 1e-5
+    for gen, train in zip(report["closest_gen_indices"], report["closest_train_indices"]):
+        assert torch.equal(metrics.train_image(train), mirrored[gen])
 
 
 def test_a_classifier_that_held_out_other_images_is_refused(latent_run, real_classifier):

@@ -1,6 +1,7 @@
 """Fast checks of the evaluation primitives on synthetic fixtures (CPU, no downloads)."""
 
 import contextlib
+import json
 import urllib.error
 
 import numpy as np
@@ -140,6 +141,7 @@ def test_per_class_accuracy_hand_example():
     assert report["per_class"][:3] == pytest.approx([0.5, 0.5, 1.0])
     assert np.isnan(report["per_class"][3])  # no examples of class 3
     assert report["class_counts"] == [2, 2, 1, 0]
+    assert report["balanced_accuracy"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)  # over the classes with examples
     assert per_class_accuracy(torch.tensor([0, 1, 0, 2, 1]), labels, 4)["accuracy"] == report["accuracy"]
 
 
@@ -165,7 +167,7 @@ def test_memorization_flags_planted_copies_not_fresh_samples(tmp_path):
 
     gen_images = torch.randint(0, 256, (len(generated), 3, 32, 32), dtype=torch.uint8)
     train_images = torch.randint(0, 256, (len(train), 3, 32, 32), dtype=torch.uint8)
-    save_closest_pairs(tmp_path / "pairs" / "closest.png", gen_images, train_images, report, k=4)
+    save_closest_pairs(tmp_path / "pairs" / "closest.png", gen_images, train_images.__getitem__, report, k=4)
     with Image.open(tmp_path / "pairs" / "closest.png") as png:
         assert png.size == (2 * 34 + 2, 4 * 34 + 2)  # 2 columns x 4 rows of 32px tiles with 2px padding
 
@@ -320,3 +322,13 @@ def test_inception_reference_stats_follow_the_training_images_not_their_path(tmp
         Image.fromarray(255 - np.asarray(Image.open(png))).save(png)
     after = score()
     assert after != pytest.approx(before) and len(list(cache.iterdir())) == 2
+
+
+def test_json_reports_write_nan_as_null(tmp_path):
+    """A class with no samples has a NaN accuracy; strict JSON parsers refuse a bare NaN."""
+    from config import write_json
+    write_json({"per_class": [1.0, float("nan")], "fd": float("inf"), "nested": {"x": (0.5, float("nan"))}},
+               str(tmp_path / "r.json"))
+    text = (tmp_path / "r.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"per_class": [1.0, None], "fd": None, "nested": {"x": [0.5, None]}}

@@ -102,12 +102,13 @@ class DenoiserStage:
         """Offline metrics of eval_samples samples, generated across ranks and gathered."""
         from evaluation.evaluate import balanced_labels
         world = dist.world_size()
-        n = max(self.cfg.eval_samples // world, 1) * world
-        labels = balanced_labels(n, self.num_classes)
-        mine = labels[dist.rank()::world]
-        images = self.pipeline().sample_batched(mine, seed=self.cfg.seed + 10_000 * dist.rank())
+        per_rank = max(self.cfg.eval_samples // world, 1)
+        labels = balanced_labels(per_rank * world, self.num_classes)
+        # Rank r draws images r*per_rank... with their own seeds: the same images on any number of
+        # GPUs, gathered back in order.
+        first = dist.rank() * per_rank
+        images = self.pipeline().sample_batched(labels[first:first + per_rank], seed=self.cfg.seed + first)
         images = dist.gather_tensor(to_uint8(images).to(self.device)).cpu()
-        labels = torch.cat([labels[r::world] for r in range(world)])  # gather order: rank by rank
         m = self.offline(images, labels)
         return {k: m[k] for k in ("sample_accuracy", "classifier_fd", "classifier_fd_heldout", "classifier_kid")} | \
             {"near_copy_fraction": m["memorization"]["near_copy_fraction"]}
