@@ -56,14 +56,14 @@ class Pipeline:
         return len(self.class_names)
 
     def class_index(self, name):
-        lowered = {c.lower(): i for i, c in enumerate(self.class_names)}
+        """A class by its name, in any case, or by its file-safe name: "pink-yellow dahlia?" is also
+        "pink-yellow dahlia" (no shell glob to type) and "pink-yellow_dahlia" (its folder's name)."""
         from data import safe_name
+        lowered = {c.lower(): i for i, c in enumerate(self.class_names)}
         safe = {safe_name(c).lower(): i for i, c in enumerate(self.class_names)}
-        key = name.lower()
-        if key in lowered:
-            return lowered[key]
-        if key in safe:
-            return safe[key]
+        for key, names in ((name.lower(), lowered), (safe_name(name).lower(), safe)):
+            if key in names:
+                return names[key]
         raise UserError(f"unknown class {name!r}; valid names: {', '.join(self.class_names)}")
 
     def to_model_space(self, images_uint8):

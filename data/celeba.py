@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
-import warnings
+import sys
 from pathlib import Path
 
 from data import RawSplit, Source, check_download_allowed, reading
@@ -67,8 +67,8 @@ def load_celeba(root: Path, download: bool = False, attribute: str = "Smiling") 
                 skipped[split] += 1
     if any(skipped.values()):
         counts = ", ".join(f"{split} {count}" for split, count in skipped.items())
-        warnings.warn(f"CelebA: skipped {sum(skipped.values())} images listed in {folder / partition_file} that are "
-                      f"missing from {images} or {attr_file} ({counts})", stacklevel=3)
+        print(f"note: CelebA: skipped {sum(skipped.values())} images listed in {folder / partition_file} that are "
+              f"missing from {images} or {attr_file} ({counts})", file=sys.stderr)
 
     shown = attribute.replace("_", " ")
     return Source([f"Not {shown}", shown], **splits)
@@ -85,7 +85,7 @@ def _find(root: Path) -> tuple[Path, tuple] | None:
 
 def _read_table(path: Path, header_rows: int) -> tuple[list[list[str]], list[list[str]]]:
     """(header rows, data rows) of a CelebA list file: official text (runs of spaces) or Kaggle CSV."""
-    with open(path, newline="") as file:
+    with open(path, newline="", encoding="utf-8-sig") as file:  # a CSV saved by Excel starts with a BOM
         rows = list(csv.reader(file)) if path.suffix == ".csv" else [line.split() for line in file]
     rows = [row for row in rows if row]
     return rows[:header_rows], rows[header_rows:]

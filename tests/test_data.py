@@ -1,4 +1,5 @@
 """The data layer: every dataset through load_dataset, the split rule, bad input, DeviceBatcher."""
+import re
 import shutil
 
 import numpy as np
@@ -275,11 +276,17 @@ def test_celeba(celeba_root):
     assert torch.equal(load_dataset("celeba_smiling", celeba_root.parent, "val").images, splits["val"].images)
 
 
-def test_celeba_layouts_agree(celeba_root, celeba_kaggle_root):
+def test_celeba_layouts_agree(celeba_root, celeba_kaggle_root, tmp_path):
+    """Also the Kaggle CSVs saved again by Excel ("CSV UTF-8"), which puts a byte-order mark first."""
+    bom = tmp_path / "bom"
+    shutil.copytree(celeba_kaggle_root, bom)
+    for name in ("list_attr_celeba.csv", "list_eval_partition.csv"):
+        (bom / name).write_bytes(b"\xef\xbb\xbf" + (bom / name).read_bytes())
     for split in data.SPLITS:
         official = load_dataset("celeba_smiling", celeba_root, split)
-        kaggle = load_dataset("celeba_smiling", celeba_kaggle_root, split)
-        assert torch.equal(official.images, kaggle.images) and torch.equal(official.labels, kaggle.labels)
+        for root in (celeba_kaggle_root, bom):
+            kaggle = load_dataset("celeba_smiling", root, split)
+            assert torch.equal(official.images, kaggle.images) and torch.equal(official.labels, kaggle.labels)
 
 
 def test_celeba_attribute(celeba_root):
@@ -297,12 +304,13 @@ def test_celeba_crop_is_proportional(tmp_path):
     assert (full - half.flip(2)).abs().mean() > 10  # while a different picture is far off
 
 
-def test_celeba_skips_missing_images(tmp_path):
+def test_celeba_skips_missing_images(tmp_path, capsys):
     root = make_celeba(tmp_path)
     for name in ("000001.jpg", "000005.jpg", "000004.jpg"):  # partitions 0, 0, 2 (pattern 0, 0, 1, 2)
         (root / "img_align_celeba" / name).unlink()
-    with pytest.warns(UserWarning, match=r"skipped 3 images .*\(train 2, val 0, test 1\)"):
-        train = load_dataset("celeba_smiling", root, "train")
+    train = load_dataset("celeba_smiling", root, "train")
+    note = capsys.readouterr().err.splitlines()  # one line, no source line of a Python warning
+    assert len(note) == 1 and re.match(r"note: CelebA: skipped 3 images .*\(train 2, val 0, test 1\)$", note[0])
     assert len(train) == 10 and len(load_dataset("celeba_smiling", root, "test")) == 5
 
 
@@ -474,3 +482,18 @@ def test_batcher_flips_some_samples(random_images):
     assert 0 < torch.cat(flipped).float().mean() < 1
     x, y = next(DeviceBatcher(images, labels, 10, "cpu", flip=False).epoch(0))
     assert torch.equal(x, to_float(images[y]))
+
+
+def test_a_class_is_found_by_its_name_without_the_shells_glob_characters():
+    """Flowers102's "pink-yellow dahlia?" (torchvision's name) as users type it, or as its folder's name."""
+    from types import SimpleNamespace
+
+    from data.flowers import CLASS_NAMES
+    from pipeline import Pipeline
+    flowers = SimpleNamespace(class_names=CLASS_NAMES)
+    dahlia = CLASS_NAMES.index("pink-yellow dahlia?")
+    for typed in ("pink-yellow dahlia?", "Pink-Yellow Dahlia", "pink-yellow_dahlia"):
+        assert Pipeline.class_index(flowers, typed) == dahlia, typed
+    assert Pipeline.class_index(flowers, "colt's foot") == CLASS_NAMES.index("colt's foot")
+    with pytest.raises(UserError, match="unknown class 'dahlia'"):
+        Pipeline.class_index(flowers, "dahlia")
