@@ -326,6 +326,11 @@ def refuse_unused_flags(args, used, policed, what):
 SAMPLING_FLAGS = {"sampler", "steps", "guidance_scale", "guidance_schedule", "guidance_interval", "amp"}
 
 
+def model_of(model, preset):
+    """The denoiser a fresh run builds: --model, else its preset's, else the default."""
+    return model or PRESETS[preset or "default"].get("model", Config.model)
+
+
 def build_config(args, base=None):
     """Defaults -> dataset recipe -> model recipe -> preset -> the dataset recipe's settings for
     that preset -> explicit flags. `base` (a saved run's config) replaces all but the flags when
@@ -343,7 +348,7 @@ def build_config(args, base=None):
         return validate(cfg)
     dataset = flags.get("dataset", Config.dataset)
     preset_name = flags.get("preset", "default")
-    model = flags.get("model", PRESETS[preset_name].get("model", Config.model))
+    model = model_of(flags.get("model"), preset_name)
     recipe = dict(DATASET_RECIPES.get(dataset, {}))
     recipe_under_preset = recipe.pop("presets", {}).get(preset_name, {})
     values = {}

@@ -2,10 +2,12 @@
 import argparse
 import sys
 
-from config import ArgumentParser, add_common_args, add_sampling_args, build_config, positive_int, refuse_unused_flags
+from config import (ArgumentParser, add_common_args, add_sampling_args, build_config, model_of, positive_int,
+                    refuse_unused_flags)
 from diffusion.objective import LOSS_TERMS, LOSS_WEIGHTINGS, PREDICTIONS, TIMESTEP_SAMPLINGS
 from diffusion.schedule import SCHEDULES
 from errors import UserError, run_main
+from models import LATENT_DENOISERS, TRANSFORMER_DENOISERS
 from models.transformer import ATTENTION_KINDS
 from training.optim import LR_SCHEDULES
 
@@ -22,7 +24,7 @@ def parse_args(argv=None):
     p.add_argument("--vae_epochs", type=int, help="VAE-GAN epochs (with --train_all)")
     p.add_argument("--diffusion_epochs", type=int, help="denoiser epochs (with --train_all)")
     p.add_argument("--minutes", type=float, help="wall-clock budget of the stage being trained: it stops at the "
-                                                 "last epoch boundary that fits (--epochs stays the cap; default "
+                                                 "last epoch boundary that fits, after at least one (--epochs stays the cap; default "
                                                  "4 for the VAE, 16 for the denoiser, 9 and 11 at 64x64; 0: no budget)")
     p.add_argument("--vae_minutes", type=float, help="VAE-GAN budget in minutes (with --train_all; 0: none)")
     p.add_argument("--diffusion_minutes", type=float, help="denoiser budget in minutes (with --train_all; 0: none)")
@@ -116,17 +118,28 @@ DENOISER_FLAGS = {"base_channels", "attention", "transformer_width", "transforme
                   "ema_decay", "warmup_steps", "lr_schedule", "weight_decay", "dropout", "eval_every", "eval_samples",
                   "classifier_path", "compile", "diffusion_epochs", "diffusion_minutes", "sampler", "steps",
                   "guidance_scale", "guidance_schedule", "guidance_interval"}
+# Of those, the architecture flags one family of denoisers reads and the other does not.
+UNET_FLAGS = {"base_channels"}
+TRANSFORMER_FLAGS = {"attention", "transformer_width", "transformer_depth", "patch_size"}
 
 
-def refuse_flags_no_stage_reads(args):
-    if args.train_classifier:
-        refuse_unused_flags(args, CLASSIFIER_FLAGS, set(vars(args)) - COMMON_FLAGS, "--train_classifier")
-    elif args.train_vae:
-        refuse_unused_flags(args, (), DENOISER_FLAGS | {"classifier_width"}, "--train_vae")
-    elif args.train_diffusion:
-        refuse_unused_flags(args, (), VAE_FLAGS | {"classifier_width"}, "--train_diffusion")
-    else:
-        refuse_unused_flags(args, (), {"classifier_width"}, "--train_all")
+def refuse_flags_no_stage_reads(args, stage, model=None):
+    """stage: the --train_* flag of what runs; model: the denoiser it builds (None: resuming a run,
+    whose saved config refuses any architecture flag that differs from it)."""
+    if stage == "--train_classifier":
+        refuse_unused_flags(args, CLASSIFIER_FLAGS, set(vars(args)) - COMMON_FLAGS, stage)
+        return
+    other_stage = {"--train_vae": DENOISER_FLAGS, "--train_diffusion": VAE_FLAGS}.get(stage, set())
+    refuse_unused_flags(args, (), other_stage | {"classifier_width"}, stage)
+    if model is not None:
+        other_family = UNET_FLAGS if model in TRANSFORMER_DENOISERS else TRANSFORMER_FLAGS
+        no_vae = VAE_FLAGS | {"latent_channels"} if model not in LATENT_DENOISERS else set()
+        refuse_unused_flags(args, (), other_family | no_vae, f"--model {model}")
+
+
+def stage_flag(args):
+    return next(f"--{name}" for name in ("train_vae", "train_diffusion", "train_all", "train_classifier")
+                if getattr(args, name))
 
 
 def stage_overrides(args):
@@ -166,16 +179,21 @@ def stage_overrides(args):
 def main(argv=None):
     from training import runner
     args = stage_overrides(parse_args(argv))
-    if args.checkpoint_path:  # the stage continued is the checkpoint's own, whichever --train_* was given
+    stage = stage_flag(args)
+    if args.checkpoint_path:  # the stage continued is the checkpoint's own (--train_all: either)
         cfg, kind = runner.config_for_resume(args, args.checkpoint_path, with_kind=True)
         train = {"vae_gan": runner.train_vae, "conditional_diffusion": runner.train_diffusion}.get(kind)
         if train is None:
             raise UserError(f"{args.checkpoint_path} holds a {kind} checkpoint; --checkpoint_path continues a "
                             f"vae_gan or conditional_diffusion one (continue a classifier with --train_classifier "
                             f"--resume)")
+        own = "--train_vae" if kind == "vae_gan" else "--train_diffusion"
+        if stage not in (own, "--train_all"):
+            raise UserError(f"{args.checkpoint_path} holds a {kind} checkpoint: continue it with {own}")
+        refuse_flags_no_stage_reads(args, own, cfg.model)
         train(cfg, checkpoint_path=args.checkpoint_path, total_epochs=args.total_epochs)
         return 0
-    refuse_flags_no_stage_reads(args)
+    refuse_flags_no_stage_reads(args, stage, None if args.resume else model_of(args.model, args.preset))
     if args.train_classifier:
         if args.results_dir is None:  # its own folder, also when resuming
             from training.classifier import default_classifier_dir

@@ -387,6 +387,23 @@ IN_PROCESS = [
     case("main_latent_eps_on_the_cosine_schedule", "main.py", "--train_diffusion", *TRAIN, "--data_root", "{data}",
          "--results_dir", "{fresh}", "--prediction", "eps",
          contains="--prediction eps with --schedule cosine makes a latent model's samples blow up"),
+    # architecture flags of the other family of denoisers, VAE flags to a pixel model
+    case("main_unet_flag_to_a_transformer", *M, "--model", "latent_transformer", "--base_channels", "16",
+         contains="--base_channels does not apply to --model latent_transformer"),
+    case("main_transformer_flag_to_a_unet", *M, "--patch_size", "2", contains="--patch_size does not apply to --model "
+         "unet"),
+    case("main_vae_flag_to_a_pixel_model", "main.py", "--train_all", "--model", "unet", *TRAIN, "--data_root", "{data}",
+         "--results_dir", "{fresh}", "--kl_weight", "1", contains="--kl_weight does not apply to --model unet"),
+    # --checkpoint_path: its own stage, a flag that stage reads, a target it has not reached
+    case("main_checkpoint_of_another_stage", "main.py", "--train_diffusion", "--checkpoint_path",
+         "{latent}/vae_gan_last.pt", "--total_epochs", "3", "--results_dir", "{fresh}",
+         contains="{latent}/vae_gan_last.pt holds a vae_gan checkpoint: continue it with --train_vae"),
+    case("main_checkpoint_with_a_flag_its_stage_does_not_read", "main.py", "--train_vae", "--checkpoint_path",
+         "{latent}/vae_gan_last.pt", "--total_epochs", "3", "--results_dir", "{fresh}", "--guidance_scale", "3",
+         contains="--guidance_scale does not apply to --train_vae"),
+    case("main_checkpoint_past_its_target", "main.py", "--train_vae", "--checkpoint_path", "{latent}/vae_gan_last.pt",
+         "--total_epochs", "1", "--results_dir", "{fresh}",
+         contains="--total_epochs 1: {latent}/vae_gan_last.pt has already trained 1 epoch; give more"),
     # a switch turned off is given too (--no-compile: the VAE-GAN stage never compiles)
     case("main_switch_off_to_the_vae", "main.py", "--train_vae", *SHARED, "--data_root", "{data}", "--results_dir",
          "{fresh}", "--no-compile", contains="--compile does not apply to --train_vae"),

@@ -83,7 +83,7 @@ def test_ranks_end_with_identical_weights(worker_run):
 def test_only_rank_zero_writes(worker_run):
     run_dir, _, result = worker_run
     assert_one_writer(run_dir, epochs=2)
-    assert result.stderr.count("resuming conditional_diffusion at epoch 1") == 1  # rank 0 alone speaks
+    assert result.stderr.count("resuming conditional_diffusion after epoch 1,") == 1  # rank 0 alone speaks
     assert load(run_dir / "conditional_diffusion_final.pt")["epoch"] == 2
 
 
@@ -113,7 +113,7 @@ def test_main_py_resumes_under_torchrun(worker_run, tmp_path, image_folder_root)
     steps_per_epoch = load(run_dir / "conditional_diffusion_last.pt")["step"] // 2
 
     result = torchrun("main.py", *train_flags(image_folder_root, run_dir), "--resume", "--epochs", "3")
-    assert result.stderr.count("resuming conditional_diffusion at epoch 2") == 1
+    assert result.stderr.count("resuming conditional_diffusion after epoch 2,") == 1
     last = load(run_dir / "conditional_diffusion_last.pt")
     assert last["epoch"] == 3 and last["step"] == 3 * steps_per_epoch
     assert load(run_dir / "conditional_diffusion_final.pt")["epoch"] == 3

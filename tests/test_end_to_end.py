@@ -296,7 +296,7 @@ def test_without_test_images_of_its_own_the_reference_accuracy_is_the_validation
                       "--image_size", "16", "--val_fraction", "0", "--epochs", "1", "--results_dir", run] + TINY) == 0
     report = json.load(open(os.path.join(run, "classifier_report.json")))
     assert report["heldout_images"] == 8 and "test_accuracy" not in report
-    cfg = Config.from_dict(json.load(open(os.path.join(run, "config.json"))))
+    cfg = Config.from_dict(json.load(open(os.path.join(run, "classifier_config.json"))))
     classifier = load_real_classifier(cfg, torch.device("cpu"), os.path.join(run, "classifier_best.pt"))
     metrics = OfflineMetrics(classifier, cfg, torch.device("cpu"), 2)
     assert metrics.real_split == "val" and metrics.real_accuracy["accuracy"] == pytest.approx(report["accuracy"])

@@ -15,6 +15,7 @@ import main
 import visualize
 from config import PRESETS, Config, build_config
 from data import safe_name
+from errors import UserError
 from training.checkpoint import load_checkpoint
 from training.run import Run
 from training.vae_gan import loss_weights
@@ -278,16 +279,22 @@ def test_vae_resume_to_total_epochs_matches_an_uninterrupted_run(celeba_run, cel
     capsys.readouterr()
     assert main.main(["--train_vae", "--checkpoint_path", str(run_a / "vae_gan_last.pt"), "--total_epochs", "2",
                       "--device", "cpu"]) == 0
-    assert "resuming vae_gan at epoch 1" in capsys.readouterr().err
+    assert "resuming vae_gan after epoch 1," in capsys.readouterr().err
     last = load_checkpoint(str(run_a / "vae_gan_last.pt"))
     uninterrupted = load_checkpoint(str(celeba_run / "vae_gan_last.pt"))
     assert (last["epoch"], last["step"]) == (2, uninterrupted["step"]) and last["config"]["vae_epochs"] == 2
     assert_same_values(epoch_values(run_a, "vae_gan", 2), epoch_values(celeba_run, "vae_gan", 2))
     assert_same_values(epoch_values(run_a, "vae_gan", 1), epoch_values(celeba_run, "vae_gan", 1))
-    # The stage follows the checkpoint's kind, not the --train_* flag: nothing left to do, no denoiser.
-    assert main.main(["--train_diffusion", "--checkpoint_path", str(run_a / "vae_gan_last.pt"), "--total_epochs",
-                      "2", "--device", "cpu"]) == 0
-    assert not any(f.startswith("conditional_diffusion") for f in os.listdir(run_a))
+    # The --train_* flag must name the checkpoint's stage, and a target it has reached trains nothing:
+    # both refused before any work.
+    before = sorted(os.listdir(run_a))
+    with pytest.raises(UserError, match="holds a vae_gan checkpoint: continue it with --train_vae"):
+        main.main(["--train_diffusion", "--checkpoint_path", str(run_a / "vae_gan_last.pt"), "--total_epochs", "3",
+                   "--device", "cpu"])
+    with pytest.raises(UserError, match=r"--total_epochs 2: .*vae_gan_last\.pt has already trained 2 epochs"):
+        main.main(["--train_vae", "--checkpoint_path", str(run_a / "vae_gan_last.pt"), "--total_epochs", "2",
+                   "--device", "cpu"])
+    assert sorted(os.listdir(run_a)) == before
 
 
 def test_denoiser_resume_to_total_epochs_matches_an_uninterrupted_run(celeba_run, celeba_root, tmp_path):

@@ -193,13 +193,13 @@ def test_sigint_mid_epoch_saves_and_resume_gives_same_losses(data, reference, tm
     assert_same_tensors(load(run_dir / FINAL)["stage"], load(reference / FINAL)["stage"], "stage")
 
 
-def test_continuing_into_a_new_folder_with_nothing_left_to_train_writes_its_files(data, reference, tmp_path):
-    """--checkpoint_path to a fresh --results_dir with --total_epochs already reached: no epoch
-    runs, and the new folder still gets the run's last and final checkpoints."""
+def test_continuing_to_a_target_already_reached_is_refused_before_any_work(data, reference, tmp_path, capsys):
+    """--checkpoint_path to a fresh --results_dir with --total_epochs already reached would train
+    nothing: one error line, and no new folder."""
     new = tmp_path / "continued"
-    assert train_in_process([*run_args(data, new, 2), "--checkpoint_path", reference / LAST, "--total_epochs", "2"]) == 0
-    assert load(new / FINAL)["step"] == load(reference / LAST)["step"] == 2 * STEPS_PER_EPOCH
-    assert_same_tensors(load(new / LAST)["stage"], load(reference / LAST)["stage"], "stage")
+    assert train_in_process([*run_args(data, new, 2), "--checkpoint_path", reference / LAST, "--total_epochs", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith("has already trained 2 epochs; give more to train on")
+    assert not new.exists()
 
 
 def test_resume_takes_each_stage_settings_from_its_own_checkpoint(data, tmp_path):
@@ -654,13 +654,17 @@ def test_a_folder_holding_another_kind_of_run_is_refused(data, reference, tmp_pa
 
 
 def test_a_classifier_trained_into_a_run_folder_does_not_change_what_the_folder_holds(data, reference, tmp_path):
-    """The classifier rewrites config.json with its own (default --model) config: the pixel run in
-    the folder must still continue there, and a fresh pixel run must still start beside a classifier."""
+    """The classifier writes its options to classifier_config.json: the run's config.json stays as
+    it was, the pixel run in the folder still continues there, and a fresh pixel run still starts
+    beside a classifier."""
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
+    config = (run_dir / "config.json").read_bytes()
     classifier = ["--train_classifier", "--dataset", "folder", "--data_root", data, "--image_size", "16",
                   "--preset", "tiny", "--batch_size", "4", "--epochs", "1", "--results_dir", run_dir]
     assert train_in_process(classifier) == 0
+    assert (run_dir / "config.json").read_bytes() == config
+    assert json.loads((run_dir / "classifier_config.json").read_text())["classifier_epochs"] == 1
     assert train_in_process([*run_args(data, tmp_path / "next", 3), "--checkpoint_path", run_dir / LAST,
                              "--total_epochs", "3"]) == 0
     fresh = tmp_path / "fresh"
@@ -727,7 +731,7 @@ def test_the_classifier_resumes_in_its_default_folder_and_refuses_what_it_does_n
                   "--preset", "tiny", "--batch_size", "4", "--epochs", "1"]
     assert train_in_process(classifier) == 0
     assert train_in_process([*classifier, "--resume"]) == 0
-    assert "resuming classifier at epoch 1" in capsys.readouterr().err
+    assert "resuming classifier after epoch 1," in capsys.readouterr().err
     for flag in (["--patience", "1"], ["--ema_decay", "0.5"], ["--compile"], ["--guidance_scale", "3"]):
         assert train_in_process([*classifier, "--results_dir", tmp_path / "other", *flag]) == 2
         line = capsys.readouterr().err.strip().splitlines()[-1]

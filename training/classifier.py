@@ -39,6 +39,8 @@ def build_classifier(cfg, num_classes):
 
 class ClassifierStage:
     kind = "classifier"
+    # its own options file: it may share a run's folder, whose config.json describes that run
+    config_name = "classifier_config.json"
     last_name, best_name = "classifier_last.pt", CLASSIFIER_FILE
     saved_names = (best_name,)
     best_metric = ("val_accuracy", "max")

@@ -90,7 +90,7 @@ def undecayed_lr(stage, epoch):
     if share >= 1.0 or share < 0.01:
         return ""
     return (f"; its learning rate is still {share:.0%} of its peak, planned to decay over more epochs: "
-            f"plan {epoch} epochs to finish the decay within this budget on this device")
+            f"plan {epoch} epoch{'s' if epoch != 1 else ''} to finish the decay within this budget on this device")
 
 
 def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minutes=None):
@@ -125,8 +125,10 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
         since_best = resume_state.get("epochs_since_best", 0)
         seconds = resume_state.get("train_seconds", 0.0)
         partial = (dict(resume_state.get("epoch_sums", {})), resume_state.get("epoch_count", 0))
-        if dist.is_main():
-            print(f"resuming {stage.kind} at epoch {epoch} step {step}", file=sys.stderr)
+        if dist.is_main():  # epochs counted from 1, as the progress and the stop messages do
+            where = (f"in epoch {epoch + 1} after batch {skip_batches} of {len(batcher)}" if skip_batches
+                     else f"after epoch {epoch}")
+            print(f"resuming {stage.kind} {where}, step {step}", file=sys.stderr)
             run.drop_metrics_after(stage.kind, step)
     metric_name, mode = stage.best_metric
     if resume_state is not None and resume_state.get("best_metric", metric_name) != metric_name:
@@ -157,7 +159,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
 
     # Only now: a run refused before this point leaves no new folder and an earlier config.json alone.
     run.create()
-    run.save_config(cfg)
+    run.save_config(cfg, getattr(stage, "config_name", "config.json"))
 
     budget = 60.0 * max_minutes if max_minutes else None  # None or 0: no budget
     if budget is not None and seconds >= budget and epoch < total_epochs and dist.is_main():
@@ -168,6 +170,9 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
         return bool(getattr(stage, "early_stopping", False) and cfg.patience and since_best >= cfg.patience)
 
     stopped_early = resume_state is not None and patience_spent()  # resumed after an early stop: train nothing
+    if resume_state is not None and epoch >= total_epochs and dist.is_main():
+        tqdm.write(f"[{stage.kind}] {epoch} of {total_epochs} epochs are done: nothing to train (more epochs train "
+                   f"on)")
     if stopped_early and epoch < total_epochs and dist.is_main():
         tqdm.write(f"[{stage.kind}] the run stopped early at epoch {epoch}: {metric_name} has not improved for "
                    f"{since_best} evaluations; a larger --patience (0: never stop) trains on")
@@ -209,8 +214,8 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
                     checkpoint(stage.last_name, batch_in_epoch=i + 1, sums=sums, count=count, every_rank=True)
                     bar.close()
                     raise StopRequested(
-                        f"{signals.caught or 'SIGTERM'}: saved {run.path(stage.last_name)} at epoch {epoch + 1}, step {step}; "
-                        f"resume with the same command plus --resume")
+                        f"{signals.caught or 'SIGTERM'}: saved {run.path(stage.last_name)} in epoch {epoch + 1} after "
+                        f"batch {i + 1} of {len(batcher)}, step {step}; resume with the same command plus --resume")
             bar.close()
             steps_seconds, batches_here, skip_batches = time.time() - t0, len(batcher) - skip_batches, 0
             epoch += 1
@@ -246,7 +251,10 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
             next_epoch_seconds = row["epoch_seconds"] + steps_seconds * (len(batcher) / max(batches_here, 1) - 1)
             out_of_time = budget is not None and epoch < total_epochs and seconds + next_epoch_seconds > budget
             out_of_time = dist.any_across_ranks(out_of_time)
-            if out_of_time and dist.is_main():
+            if out_of_time and dist.is_main() and seconds > budget:  # the first epoch always runs
+                tqdm.write(f"[{stage.kind}] stopping after epoch {epoch}: it took {seconds / 60:.1f} min, more than the "
+                           f"{max_minutes:g}-minute budget (--minutes 0: no budget)")
+            elif out_of_time and dist.is_main():
                 tqdm.write(f"[{stage.kind}] stopping at epoch {epoch}: another epoch would pass the "
                            f"{max_minutes:g}-minute budget ({seconds / 60:.1f} min used; --minutes 0: no budget)"
                            + undecayed_lr(stage, epoch))

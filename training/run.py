@@ -62,9 +62,9 @@ class Run:
     def picture(self, name):
         return os.path.join(self.folder, "pictures", name)
 
-    def save_config(self, cfg):
+    def save_config(self, cfg, name="config.json"):
         if dist.is_main():
-            save_config(cfg, self.path("config.json"))
+            save_config(cfg, self.path(name))
 
     def log(self, stage, epoch, step, values):
         if not dist.is_main():

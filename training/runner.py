@@ -58,7 +58,7 @@ def check_folder_holds_this_run(cfg):
     """A stage starting in a folder must not mix into another run's: the VAE and denoiser
     checkpoints there must be of the same data and image size, and of the same kind of model (a
     latent denoiser may follow a VAE trained under another latent --model: they share it).
-    config.json is no guide: a real-data classifier trained into the folder rewrites it."""
+    config.json is no guide: each stage rewrites it."""
     from pipeline import DENOISER_FILES, VAE_FILES, first_file
     for names in (VAE_FILES, DENOISER_FILES):
         path = first_file(cfg.results_dir, names)
@@ -109,6 +109,10 @@ def config_for_resume(args, checkpoint_path, default_results_dir=None, with_kind
         cfg.results_dir = default_results_dir or os.path.dirname(os.path.abspath(checkpoint_path))
     field = {"vae_gan": "vae_epochs", "conditional_diffusion": "diffusion_epochs"}.get(state["kind"])
     if field and getattr(args, "total_epochs", None) is not None:
+        if args.total_epochs <= state.get("epoch", 0):
+            done = state["epoch"]
+            raise UserError(f"--total_epochs {args.total_epochs}: {checkpoint_path} has already trained {done} "
+                            f"epoch{'s' if done != 1 else ''}; give more to train on")
         setattr(cfg, field, args.total_epochs)
     return (cfg, state["kind"]) if with_kind else cfg
 
