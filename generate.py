@@ -42,6 +42,8 @@ def parse_args(argv=None):
     add_common_args(p)
     add_sampling_args(p)
     args = p.parse_args(argv)
+    if args.no_fid and args.inception_weights is not None:
+        raise UserError("--inception_weights does not apply with --no_fid, which skips the Inception metrics")
     if args.classify_images is not None and args.classify_images < 0:
         raise UserError(f"--classify_images must not be negative, got {args.classify_images}")
     if args.class_name is not None and not args.class_name.strip():

@@ -34,7 +34,7 @@ from data.batcher import DeviceBatcher  # noqa: E402
 from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier  # noqa: E402
 from training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from training.loop import rng_state, select_device, set_rng_state  # noqa: E402
-from training.run import device_name, git_commit  # noqa: E402
+from training.run import commit_label, device_name  # noqa: E402
 from viz.figures import save_grid  # noqa: E402
 
 
@@ -243,7 +243,7 @@ def main(argv=None):
     sampling_seconds = time.time() - t0
     result = {"recipe": "diffusers train_unconditional example, class-conditional",
               "diffusers_version": diffusers.__version__, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-              "args": vars(args), "device": device_name(device), "commit": git_commit()[0],
+              "args": vars(args), "device": device_name(device), "commit": commit_label(),
               "num_samples": args.num_samples, "sampling_seconds": sampling_seconds, "class_names": train_set.class_names,
               **log}
     if args.stage == "score":

@@ -20,7 +20,7 @@ from diffusion.gaussian import exact_ode_endpoint, gaussian_denoiser  # noqa: E4
 from diffusion.samplers import sample  # noqa: E402
 from diffusion.schedule import SCHEDULES, NoiseSchedule  # noqa: E402
 from errors import UserError, run_main  # noqa: E402
-from training.run import git_commit, writable_output  # noqa: E402
+from training.run import commit_label, writable_output  # noqa: E402
 
 MU, STD = 0.5, 0.4  # the data: N(MU, STD^2), one value per sample
 
@@ -73,7 +73,7 @@ def main(argv=None):
                   f"{r['dpmpp']['max_error']:>9.4f}  {r['ddpm']['mean_error']:>13.4f} {r['ddpm']['std_ratio']:>14.4f}")
     if args.out:
         report = {"what": __doc__.split("\n\n")[0].replace("\n", " "), "data": {"mean": MU, "std": STD},
-                  "samples": args.samples, "timesteps": args.timesteps, "commit": git_commit()[0],
+                  "samples": args.samples, "timesteps": args.timesteps, "commit": commit_label(),
                   "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
                   "results": {k: {str(s): r for s, r in v.items()} for k, v in results.items()}}
         write_json(report, args.out)

@@ -30,7 +30,7 @@ from evaluation.evaluate import (OfflineMetrics, balanced_labels, check_heldout_
 from pipeline import load_pipeline  # noqa: E402
 from training.loop import select_device  # noqa: E402
 from training.optim import amp_dtype  # noqa: E402
-from training.run import device_name, git_commit, writable_output  # noqa: E402
+from training.run import commit_label, device_name, writable_output  # noqa: E402
 from viz.figures import sweep_figure  # noqa: E402
 
 
@@ -153,7 +153,7 @@ def main(argv=None):
     report = {"run": os.path.basename(os.path.normpath(args.results_dir)), "num_samples": args.num_samples,
               "seed": args.seed, "weights": "raw" if args.no_ema else "ema", "amp": pipe.cfg.amp,
               "compute_dtype": str(amp_dtype(device, pipe.cfg.amp) or torch.float32),
-              "device": device_name(device), "commit": git_commit()[0],
+              "device": device_name(device), "commit": commit_label(),
               "class_names": pipe.class_names, "rows": rows}
     write_json(report, out)
     figure = out[:-len(".json")] + ".png"

@@ -13,7 +13,7 @@ from config import write_json
 from errors import UserError
 from evaluation.metrics import extract_features, frechet_distance, kernel_inception_distance, per_class_accuracy
 from training.checkpoint import check_compatible, load_checkpoint
-from training.run import device_name, git_commit
+from training.run import commit_label, device_name
 
 
 def _load(cfg, split):
@@ -182,10 +182,10 @@ def check_sample_count(num_samples, num_classes, what):
                         f"and KID compares pairs), got --num_samples {num_samples}")
 
 
-def inception_metrics(cfg, images_uint8, weights_path, device, cache_dir):
-    """Standard FID/KID against cached statistics of the real training images."""
-    from evaluation.inception import fid_kid, load_fid_inception, reference_stats
-    inception = load_fid_inception(weights_path, device)
+def inception_metrics(cfg, images_uint8, inception, device, cache_dir):
+    """Standard FID/KID (with the FID Inception network `inception`) against cached statistics of
+    the real training images."""
+    from evaluation.inception import fid_kid, reference_stats
     features = lambda imgs: extract_features(inception, imgs, batch_size=100, device=device)  # noqa: E731
     # Keyed by the training images themselves (not their path or split options), so data that
     # changed in place, or another split of it, never reuses stale statistics.
@@ -211,6 +211,16 @@ def evaluate_run(pipe, run_dir, args, seed, out_dir=None):
     check_sample_count(n, pipe.num_classes, "--evaluate")
     start = time.time()
     check_heldout_classes(cfg, pipe.class_names)
+    inception, fid_note = None, "skipped (--no_fid)"
+    if not args.no_fid:  # before the sampling: a weights file named on the command line must work
+        from evaluation.inception import load_fid_inception
+        try:
+            inception = load_fid_inception(args.inception_weights, device)
+        except UserError as e:
+            if args.inception_weights:
+                raise
+            print(f"note: FID/KID skipped: {e}", file=sys.stderr)  # the offline metrics stand on their own
+            fid_note = str(e)
     classifier = load_real_classifier(cfg, device, getattr(args, "classifier_path", None))
     offline = OfflineMetrics(classifier, cfg, device, pipe.num_classes)
     labels = balanced_labels(n, pipe.num_classes)
@@ -221,21 +231,17 @@ def evaluate_run(pipe, run_dir, args, seed, out_dir=None):
               "guidance_scale": cfg.guidance_scale, "guidance_schedule": cfg.guidance_schedule,
               "guidance_interval": cfg.guidance_interval, "checkpoint": pipe.checkpoint_path,
               "classifier": classifier.checkpoint_path,
-              "dataset": cfg.dataset, "device": device_name(device), "commit": git_commit()[0],
+              "dataset": cfg.dataset, "device": device_name(device), "commit": commit_label(),
               "sampling_seconds": sampling_seconds, "class_names": pipe.class_names}
     result.update(offline(images, labels))
     from evaluation.memorization import save_closest_pairs
     save_closest_pairs(os.path.join(out_dir, "memorization_closest_pairs.png"), images, offline.train_image,
                        result["memorization"])
-    if args.no_fid:
-        result["fid_note"] = "skipped (--no_fid)"
+    if inception is None:
+        result["fid_note"] = fid_note
     else:
-        try:
-            cache = os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".fid_cache")
-            result.update(inception_metrics(cfg, images, args.inception_weights, device, cache))
-        except UserError as e:  # the offline metrics stand on their own; say what FID needs
-            print(f"note: FID/KID skipped: {e}", file=sys.stderr)
-            result["fid_note"] = str(e)
+        cache = os.path.join(os.path.dirname(os.path.abspath(run_dir)), ".fid_cache")
+        result.update(inception_metrics(cfg, images, inception, device, cache))
     if getattr(args, "classify_images", 0):
         result["diffusion_classifier"] = diffusion_classifier_accuracy(pipe, offline.val_images,
                                                                        offline.val_labels, args.classify_images, seed)

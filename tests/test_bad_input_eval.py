@@ -101,6 +101,26 @@ def test_a_classifier_checkpoint_missing_a_part_is_refused_by_name(runs, tmp_pat
         load_real_classifier(cfg, "cpu", str(damaged))
 
 
+@pytest.mark.parametrize("weights, message", [("missing.pth", "no such file"),
+                                             ("garbage.pth", "is not a readable FID Inception weights file")])
+def test_evaluate_refuses_an_inception_weights_file_it_cannot_use_before_sampling(runs, capsys, monkeypatch, tmp_path,
+                                                                                 weights, message):
+    """A file named on the command line must work: a typo is not a note and an eval.json without FID."""
+    import generate
+    (tmp_path / "garbage.pth").write_text("not weights")
+    monkeypatch.setattr("evaluation.evaluate.load_real_classifier", not_reached)
+    refused(capsys, generate.main, ["--evaluate", "--results_dir", runs.run, "--device", "cpu", "--num_samples", "2",
+                                    "--inception_weights", tmp_path / weights, "--output_dir", tmp_path / "out"],
+            contains=[message])
+    assert not (tmp_path / "out" / "eval.json").exists()
+
+
+def test_inception_weights_with_no_fid_are_refused(runs, capsys):
+    import generate
+    refused(capsys, generate.main, ["--evaluate", "--no_fid", "--inception_weights", "w.pth", "--results_dir", runs.run,
+                                    "--device", "cpu"], contains=["--inception_weights does not apply with --no_fid"])
+
+
 def test_evaluate_needs_a_sample_of_every_class(monkeypatch):
     """Two samples of a three-class run leave a class unscored: refused before any work."""
     from errors import UserError

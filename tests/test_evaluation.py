@@ -292,7 +292,7 @@ def test_diffusion_classify_with_oracle_eps_is_near_perfect():
     assert torch.equal(predictions, diffusion_classify(oracle_eps, x0, num_classes, alphas_cumprod, batch_size=7))
 
 
-def test_inception_reference_stats_follow_the_training_images_not_their_path(tmp_path, monkeypatch):
+def test_inception_reference_stats_follow_the_training_images_not_their_path(tmp_path):
     """The FID cache is keyed by the images themselves: data rewritten in place at the same path
     must be scored against new statistics, and an unchanged dataset reuses its cache."""
     import data
@@ -306,7 +306,6 @@ def test_inception_reference_stats_follow_the_training_images_not_their_path(tmp
         def forward(self, x):
             return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
 
-    monkeypatch.setattr(inception, "load_fid_inception", lambda path, device: MeanColour())
     root = make_image_folder(tmp_path / "data", n_train=10, with_test=False)
     cfg = Config(dataset="folder", data_root=str(root), image_size=32, val_fraction=0.2)
     samples = torch.full((6, 3, 32, 32), 128, dtype=torch.uint8)
@@ -314,7 +313,7 @@ def test_inception_reference_stats_follow_the_training_images_not_their_path(tmp
 
     def score():
         data.clear_cache()
-        return inception_metrics(cfg, samples, None, "cpu", cache)["fid"]
+        return inception_metrics(cfg, samples, MeanColour(), "cpu", cache)["fid"]
 
     before = score()
     assert score() == before and len(list(cache.iterdir())) == 1  # unchanged data: the cache serves
@@ -332,3 +331,12 @@ def test_json_reports_write_nan_as_null(tmp_path):
     text = (tmp_path / "r.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"per_class": [1.0, None], "fd": None, "nested": {"x": [0.5, None]}}
+
+
+@pytest.mark.parametrize("state, label", [(("abc1234", False), "abc1234"), (("abc1234", True), "abc1234 (modified)"),
+                                          ((None, None), None)])
+def test_reports_mark_a_commit_whose_files_were_modified(monkeypatch, state, label):
+    """eval.json and the bench reports: figures measured on edited code are not labelled as the clean commit."""
+    from training import run
+    monkeypatch.setattr(run, "git_commit", lambda: state)
+    assert run.commit_label() == label

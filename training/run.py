@@ -133,6 +133,12 @@ def git_commit():
         return None, None
 
 
+def commit_label():
+    """The commit figures were measured at, marked when tracked files differed from it."""
+    commit, modified = git_commit()
+    return f"{commit} (modified)" if commit and modified else commit
+
+
 def device_name(device):
     """A readable name of the device figures were measured on."""
     if device.type == "cuda":
