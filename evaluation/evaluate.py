@@ -16,17 +16,18 @@ from training.checkpoint import check_compatible, load_checkpoint
 from training.run import commit_label, device_name
 
 
-def _load(cfg, split):
-    """One split of the run's data. A held-out split is read once per process: the check of its
-    classes, the classifier's check and the metrics each need it."""
+def _load(cfg, split, subset=None):
+    """One split of the run's data (train: `subset` of it, as --subset takes it). A held-out split
+    is read once per process: the check of its classes, the classifier's check and the metrics
+    each need it."""
     read = _read_split if split == "train" else _read_heldout_split
     return read(cfg.dataset, cfg.data_root, split, cfg.image_size, cfg.val_fraction, cfg.attribute,
-                cfg.flowers_splits)
+                cfg.flowers_splits, subset)
 
 
-def _read_split(dataset, data_root, split, image_size, val_fraction, attribute, flowers_splits):
+def _read_split(dataset, data_root, split, image_size, val_fraction, attribute, flowers_splits, subset):
     return load_dataset(dataset, data_root, split, image_size, val_fraction=val_fraction, attribute=attribute,
-                        flowers_splits=flowers_splits)
+                        flowers_splits=flowers_splits, subset=subset)
 
 
 _read_heldout_split = functools.lru_cache(maxsize=2)(_read_split)  # callers copy what they take (real_split)
@@ -40,8 +41,8 @@ def fixed_subset(n, limit):
     return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit]
 
 
-def real_split(cfg, split, limit=None):
-    data = _load(cfg, split)
+def real_split(cfg, split, limit=None, subset=None):
+    data = _load(cfg, split, subset)
     keep = fixed_subset(len(data.images), limit)
     return data.images[keep], data.labels[keep]
 
@@ -103,11 +104,13 @@ class OfflineMetrics:
         self.classifier, self.device, self.num_classes = classifier, device, num_classes
         self.mirrors = cfg.hflip  # a model trained on mirror images may copy them mirrored
         # FD and KID compare with a fixed subset of 10,000 training images, as they did when FD/KID
-        # figures were first recorded; near copies are looked for among all of them (computed on
-        # first use: the sampling sweep never asks).
+        # figures were first recorded (of the whole split, also after --subset: its distribution);
+        # near copies are looked for among all the images the run trained on (computed on first
+        # use: the sampling sweep never asks).
         self.train_images, _ = real_split(cfg, "train")
         self.train_subset = fixed_subset(len(self.train_images), 10000)
         self.train_feats = self.features(self.train_images[self.train_subset])
+        self.trained_images = real_split(cfg, "train", subset=cfg.subset)[0] if cfg.subset else self.train_images
         self._all_train_feats = None
         self.val_images, self.val_labels = real_split(cfg, "val", limit=10000)
         self.val_feats = self.features(self.val_images)
@@ -121,19 +124,20 @@ class OfflineMetrics:
 
     @property
     def all_train_feats(self):
-        """Features of every training image, then of their mirror images when training flipped them."""
+        """Features of every image the run trained on, then of their mirror images when it flipped them."""
         if self._all_train_feats is None:
-            whole = len(self.train_subset) == len(self.train_images)  # the subset is then all of them, in order
-            feats = [self.train_feats if whole else self.features(self.train_images)]
+            # the FD subset is then all of them, in order
+            whole = self.trained_images is self.train_images and len(self.train_subset) == len(self.train_images)
+            feats = [self.train_feats if whole else self.features(self.trained_images)]
             if self.mirrors:
-                feats.append(self.features(self.train_images.flip(-1)))
+                feats.append(self.features(self.trained_images.flip(-1)))
             self._all_train_feats = torch.cat(feats)
         return self._all_train_feats
 
     def train_image(self, index):
         """The training image of all_train_feats' row `index` (mirrored past the originals)."""
-        image = self.train_images[index % len(self.train_images)]
-        return image.flip(-1) if index >= len(self.train_images) else image
+        image = self.trained_images[index % len(self.trained_images)]
+        return image.flip(-1) if index >= len(self.trained_images) else image
 
     def features(self, images_uint8):
         return extract_features(self.classifier.features, images_uint8, device=self.device)

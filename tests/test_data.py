@@ -497,3 +497,16 @@ def test_a_class_is_found_by_its_name_without_the_shells_glob_characters():
     assert Pipeline.class_index(flowers, "colt's foot") == CLASS_NAMES.index("colt's foot")
     with pytest.raises(UserError, match="unknown class 'dahlia'"):
         Pipeline.class_index(flowers, "dahlia")
+
+
+def test_a_subset_larger_than_the_training_split_takes_all_of_it_and_says_so(tmp_path, capsys):
+    from config import Config
+    from fixtures import make_image_folder
+    from training.runner import load_split
+    root = make_image_folder(tmp_path / "data", n_train=8, n_test=2, size=16)
+    cfg = Config(dataset="folder", data_root=str(root), image_size=16, subset=1000)
+    train = load_split(cfg, "train")
+    note = capsys.readouterr().err.strip()
+    assert note == f"note: --subset 1000 is more than the {len(train)} training images: all of them are used"
+    load_split(Config(dataset="folder", data_root=str(root), image_size=16, subset=4), "train")
+    assert capsys.readouterr().err == ""

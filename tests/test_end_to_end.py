@@ -259,14 +259,20 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifie
     assert 1 <= json.load(open(os.path.join(latent_run, "classify.json")))["images"] <= 4  # the fixture holds few
 
 
-def test_memorization_finds_mirrored_copies_of_the_training_images(latent_run, real_classifier):
+@pytest.mark.parametrize("subset", [None, 6])
+def test_memorization_finds_mirrored_copies_of_the_images_the_run_trained_on(latent_run, real_classifier, subset):
     """The run trained on mirror images too (--hflip, the default), so a mirrored training image is
-    a copy: found at distance 0 and shown mirrored beside the sample."""
+    a copy: found at distance 0 and shown mirrored beside the sample. With --subset, the images
+    searched are the run's own subset of the training split."""
+    import dataclasses
+
     from evaluation.evaluate import OfflineMetrics, load_real_classifier, real_split
     cfg = Config.from_dict(json.load(open(os.path.join(latent_run, "config.json"))))
+    cfg = dataclasses.replace(cfg, subset=subset)
     assert cfg.hflip
     metrics = OfflineMetrics(load_real_classifier(cfg, "cpu", real_classifier), cfg, "cpu", 2)
-    images, labels = real_split(cfg, "train")
+    images, labels = real_split(cfg, "train", subset=subset)
+    assert len(metrics.all_train_feats) == 2 * len(images) == 2 * (subset or len(metrics.train_images))
     mirrored = images[:6].flip(-1)
     report = metrics(mirrored, labels[:6])["memorization"]
     assert report["mirror_images_searched"] and report["near_copy_fraction"] == 1.0

@@ -16,9 +16,13 @@ from training.run import Run, writable_folder
 
 def load_split(cfg, split):
     """One split of the configured dataset (train: --subset of it, when given)."""
-    return load_dataset(cfg.dataset, cfg.data_root, split, cfg.image_size, download=cfg.download,
+    data = load_dataset(cfg.dataset, cfg.data_root, split, cfg.image_size, download=cfg.download,
                         subset=cfg.subset if split == "train" else None, val_fraction=cfg.val_fraction,
                         attribute=cfg.attribute, flowers_splits=cfg.flowers_splits)
+    if split == "train" and cfg.subset and cfg.subset > len(data) and dist.is_main():
+        print(f"note: --subset {cfg.subset} is more than the {len(data)} training images: all of them are used",
+              file=sys.stderr)
+    return data
 
 
 def load_splits(cfg):
