@@ -267,6 +267,6 @@ def load_pipeline(results_dir=None, model_path=None, device="cpu", overrides=Non
         vae.to(device).eval()
         shift, scale = stage["latent_shift"].to(device), stage["latent_scale"].to(device)
     pipe = Pipeline(cfg, denoiser, class_names, device, vae, shift, scale)
-    pipe.checkpoint_path = path
+    pipe.checkpoint_path, pipe.heldout_digest = path, stage.get("heldout_digest")
     pipe.refuse_non_finite_weights()
     return pipe

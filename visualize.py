@@ -96,7 +96,8 @@ def main(argv=None):
         if not len(pick):
             raise UserError(f"no held-out image of class {pipe.class_names[label]} to noise")
         path = out("forward_process.png")
-        figures.forward_process_figure(pipe.schedule, images[pick[0]], path, seed=seed)
+        figures.forward_process_figure(pipe.schedule, images[pick[0]], path, seed=seed,
+                                       latent=pipe.vae is not None)  # the title says what is noised
     elif args.mode in ("latent_space", "denoising_path"):
         if pipe.vae is None:
             raise UserError(f"--mode {args.mode} needs a latent model; {run_dir} holds a pixel-space "

@@ -125,7 +125,7 @@ def main(argv=None):
     if not out.endswith(".json"):  # its figure goes beside it, under the same name with .png
         raise UserError(f"--out {out}: name a .json file")
     check_sample_count(args.num_samples, pipe.num_classes, "the sweep")
-    check_heldout_classes(pipe.cfg, pipe.class_names)
+    check_heldout_classes(pipe.cfg, pipe.class_names, pipe.heldout_digest)
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,
                              pipe.num_classes)
     schedules = asked_schedules or [pipe.cfg.guidance_schedule]

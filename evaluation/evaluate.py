@@ -47,13 +47,20 @@ def real_split(cfg, split, limit=None, subset=None):
     return data.images[keep], data.labels[keep]
 
 
-def check_heldout_classes(cfg, class_names):
+def check_heldout_classes(cfg, class_names, heldout_digest=None):
     """Scores against held-out images of other classes would compare label i of the run with
-    label i of unrelated data: refuse them."""
-    heldout = _load(cfg, "val").class_names
-    if list(heldout) != list(class_names):
-        raise UserError(f"the data in {cfg.data_root or cfg.dataset} has the classes {', '.join(heldout)}, not the "
+    label i of unrelated data, and against other held-out images than the run's (the data changed
+    since) might count images it trained on: refuse them. heldout_digest: the run's fingerprint of
+    its held-out split (None for runs from before 2026-11-25)."""
+    heldout = _load(cfg, "val")
+    where = cfg.data_root or cfg.dataset
+    if list(heldout.class_names) != list(class_names):
+        raise UserError(f"the data in {where} has the classes {', '.join(heldout.class_names)}, not the "
                         f"run's {', '.join(class_names)}: give the data the run was trained on")
+    if heldout_digest is not None and heldout_digest != split_digest(heldout.images, heldout.labels):
+        raise UserError(f"the data in {where} holds out other images than the run did (files added or removed "
+                        f"since, or another --val_fraction or --flowers_splits): its held-out scores could count "
+                        f"images the run trained on; give the data the run was trained on")
 
 
 def check_classifier_data(state, cfg, path):
@@ -214,7 +221,7 @@ def evaluate_run(pipe, run_dir, args, seed, out_dir=None):
     n = args.num_samples or 2000
     check_sample_count(n, pipe.num_classes, "--evaluate")
     start = time.time()
-    check_heldout_classes(cfg, pipe.class_names)
+    check_heldout_classes(cfg, pipe.class_names, pipe.heldout_digest)
     inception, fid_note = None, "skipped (--no_fid)"
     if not args.no_fid:  # before the sampling: a weights file named on the command line must work
         from evaluation.inception import load_fid_inception
@@ -272,7 +279,7 @@ def diffusion_classifier_accuracy(pipe, images, labels, limit, seed):
 
 def classify_run(pipe, out_dir, args, seed):
     """generate.py --classify: classify held-out real images with the denoiser itself."""
-    check_heldout_classes(pipe.cfg, pipe.class_names)
+    check_heldout_classes(pipe.cfg, pipe.class_names, pipe.heldout_digest)
     images, labels = real_split(pipe.cfg, "val")
     limit = args.num_samples or 200
     with torch.inference_mode():

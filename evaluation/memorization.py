@@ -5,7 +5,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torchvision.utils import save_image
 
 HELDOUT_FLAG_QUANTILE = 0.01  # default threshold flags ~1% of held-out real images by construction
 
@@ -49,10 +48,16 @@ def memorization_report(
 
 
 def save_closest_pairs(path, gen_images_uint8: torch.Tensor, train_image, report: dict, k: int = 16) -> None:
-    """One PNG, a row per pair: generated sample (left) | its nearest training image (right).
+    """One PNG, a row per pair: generated sample (left) | its nearest training image (right), each
+    row named by its distance and whether that is a near copy (<= the report's threshold).
     train_image(i) is the training image of the report's training index i."""
+    from viz.figures import labelled_rows
     gen = gen_images_uint8[report["closest_gen_indices"][:k]].cpu()
     train = torch.stack([train_image(i) for i in report["closest_train_indices"][:k]]).cpu()
-    interleaved = torch.stack([gen, train], dim=1).flatten(0, 1)  # gen0, train0, gen1, train1, ...
+    threshold = report["threshold"]
+    names = [f"distance {d:.4f}\n" + ("near copy" if d <= threshold else "not a near copy")
+             for d in report["closest_distances"][:k]]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(interleaved.float() / 255, path, nrow=2, padding=2, pad_value=1.0)
+    labelled_rows([torch.stack(pair) for pair in zip(gen, train)], names, str(path),
+                  col_names=["generated\nsample", "nearest\ntraining image"],
+                  title=f"closest pairs (cosine distance of classifier features;\nnear copy: <= {threshold:.4f})")

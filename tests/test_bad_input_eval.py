@@ -121,6 +121,22 @@ def test_inception_weights_with_no_fid_are_refused(runs, capsys):
                                     "--device", "cpu"], contains=["--inception_weights does not apply with --no_fid"])
 
 
+@pytest.mark.parametrize("action", [["--classify"], ["--evaluate", "--no_fid", "--num_samples", "4"]])
+def test_scoring_on_data_that_holds_out_other_images_is_refused(runs, capsys, monkeypatch, tmp_path, action):
+    """One image more in the data folder moves the validation carve-out: the run's held-out scores
+    could then count images it trained on."""
+    import shutil
+
+    import generate
+    grown = tmp_path / "grown"
+    shutil.copytree(runs.data, grown)
+    shutil.copy(next((grown / "train" / "cat").iterdir()), grown / "train" / "cat" / "extra.png")
+    monkeypatch.setattr("evaluation.evaluate.load_real_classifier", not_reached)
+    refused(capsys, generate.main, [*action, "--results_dir", runs.run, "--data_root", grown, "--device", "cpu",
+                                    "--output_dir", tmp_path / "out"],
+            contains=[f"the data in {grown} holds out other images than the run did"])
+
+
 def test_evaluate_needs_a_sample_of_every_class(monkeypatch):
     """Two samples of a three-class run leave a class unscored: refused before any work."""
     from errors import UserError

@@ -169,7 +169,7 @@ def test_memorization_flags_planted_copies_not_fresh_samples(tmp_path):
     train_images = torch.randint(0, 256, (len(train), 3, 32, 32), dtype=torch.uint8)
     save_closest_pairs(tmp_path / "pairs" / "closest.png", gen_images, train_images.__getitem__, report, k=4)
     with Image.open(tmp_path / "pairs" / "closest.png") as png:
-        assert png.size == (2 * 34 + 2, 4 * 34 + 2)  # 2 columns x 4 rows of 32px tiles with 2px padding
+        assert png.size == (480, 552)  # labelled_rows at 120 dpi: 4 in wide, 4 rows of 1 in + 0.6 in
 
 
 @pytest.fixture

@@ -28,8 +28,9 @@ class DenoiserStage:
     saved_names = (best_name, final_name)  # what a finished or interrupted run leaves beside _last.pt
 
     def __init__(self, cfg, class_names, sample_shape, device, val_x, val_y, run, vae=None,
-                 latent_shift=None, latent_scale=None):
+                 latent_shift=None, latent_scale=None, heldout_digest=None):
         self.cfg, self.device, self.run = cfg, device, run
+        self.heldout_digest = heldout_digest  # data.split_digest of the held-out images: scores check it
         self.class_names, self.sample_size = list(class_names), sample_shape[-1]
         num_classes = len(class_names)
         self.model = build_denoiser(cfg, num_classes, sample_shape[0], self.sample_size).to(device)
@@ -137,7 +138,7 @@ class DenoiserStage:
     def state_dict(self):
         state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                  "sched": self.sched.state_dict(), "class_names": self.class_names,
-                 "sample_size": self.sample_size}
+                 "sample_size": self.sample_size, "heldout_digest": self.heldout_digest}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         if self.loss_fn.adaptive is not None and self.loss_fn.adaptive.mean_sq is not None:
@@ -148,6 +149,11 @@ class DenoiserStage:
         return state
 
     def load_state_dict(self, state):
+        saved = state.get("heldout_digest")  # runs from before 2026-11-25 have none
+        if saved is not None and saved != self.heldout_digest:
+            raise UserError("the data holds out other images than when the run started (files added or removed, "
+                            "or another --val_fraction or --flowers_splits): its held-out metrics and best "
+                            "checkpoint would change meaning; resume it on the same data")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         load_optimizer_state(self.opt, state["opt"], self.device)

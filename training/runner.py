@@ -5,7 +5,7 @@ import sys
 import torch
 
 from config import Config, build_config
-from data import load_dataset
+from data import load_dataset, split_digest
 from data.batcher import DeviceBatcher
 from errors import UserError
 from training import distributed as dist
@@ -209,12 +209,13 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
                                 rank=dist.rank(), world_size=dist.world_size())
         shape = latents.shape[1:]
         shape = (shape[0] // 2,) + tuple(shape[1:])
-        stage = DenoiserStage(cfg, train.class_names, shape, device, val_x, val.labels, run, vae, shift, scale)
+        stage = DenoiserStage(cfg, train.class_names, shape, device, val_x, val.labels, run, vae, shift, scale,
+                              heldout_digest=split_digest(val.images, val.labels))
     else:
         batcher = DeviceBatcher(train.images, train.labels, per_rank, device, flip=cfg.hflip, seed=cfg.seed,
                                 rank=dist.rank(), world_size=dist.world_size())
         stage = DenoiserStage(cfg, train.class_names, train.images.shape[1:], device, to_float(val.images),
-                              val.labels, run)
+                              val.labels, run, heldout_digest=split_digest(val.images, val.labels))
     fit(stage, batcher, cfg, run, total_epochs or cfg.diffusion_epochs, state, max_minutes=cfg.diffusion_minutes)
     if dist.is_main():  # the finished run's sampling checkpoint (full state, EMA inside)
         copy_checkpoint(run.path(stage.last_name), run.path(stage.final_name))

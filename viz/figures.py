@@ -50,8 +50,8 @@ def labelled_rows(rows, row_names, path, title=None, col_names=None):
 
 def _save(fig, path, title=None, dpi=120):
     """Title, layout, write, and free the figure (pyplot keeps every open one)."""
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if title:  # 0.08 in from the top: tight_layout leaves it room there, not 2% of a tall figure's height down
+        fig.suptitle(title, fontsize=10, y=1 - 0.08 / fig.get_figheight())
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -154,8 +154,9 @@ def denoising_animation(pipe, label, path, seed=0, num_frames=40, fps=8, scale=4
     imageio.mimsave(path, pictures, duration=1000 / fps, loop=0)
 
 
-def forward_process_figure(schedule, image_uint8, path, num_columns=10, seed=0):
-    """One real image noised along the schedule, x_t = alpha_t x0 + sigma_t eps."""
+def forward_process_figure(schedule, image_uint8, path, num_columns=10, seed=0, latent=False):
+    """One real image noised along the schedule, x_t = alpha_t x0 + sigma_t eps, in pixels (a
+    latent model, latent=True, noises its VAE's standardized latents instead: the title says so)."""
     x0 = to_float(image_uint8[None])
     ts = torch.linspace(0, schedule.timesteps - 1, num_columns).round().long()
     g = torch.Generator().manual_seed(seed)
@@ -163,19 +164,24 @@ def forward_process_figure(schedule, image_uint8, path, num_columns=10, seed=0):
     row = torch.cat([schedule.q_sample(x0, t[None], noise) for t in ts]).clamp(-1, 1)
     labelled_rows([torch.cat([x0, row[1:]])], ["x_t"], path,
                   col_names=["x0"] + [f"t={int(t)}" for t in ts[1:]],
-                  title=f"forward process ({schedule.kind} schedule, T={schedule.timesteps})")
+                  title=f"forward process, noise added to the pixels ({schedule.kind} schedule, "
+                        f"T={schedule.timesteps})" + ("\nthe model itself noises its VAE's standardized "
+                                                      "latents, not pixels" if latent else ""))
 
 
 def steps_comparison_figure(pipe, label, path, seed=0, step_counts=(5, 10, 20, 40),
                             samplers=("ddim", "dpmpp", "ddpm"), per_row=4, **sample_kwargs):
-    """The same seed and class at several step counts, one row per sampler and step count."""
+    """The same seeds and class at several step counts, one row per sampler and step count, a
+    column per seed (image i starts from seed + i)."""
     rows, names = [], []
     for sampler in samplers:
         for steps in step_counts:
             rows.append(pipe.sample([label] * per_row, sampler=sampler, steps=min(steps, pipe.cfg.timesteps),
                                     seed=seed, **sample_kwargs).cpu())
             names.append(f"{sampler} {steps}")
-    labelled_rows(rows, names, path, title=f"'{pipe.class_names[label]}': same seed, different samplers and steps")
+    labelled_rows(rows, names, path, col_names=[f"seed {seed + i}" for i in range(per_row)],
+                  title=f"'{pipe.class_names[label]}': a column per seed (the same seeds in every row),\n"
+                        f"a row per sampler and step count")
 
 
 def latent_space_figure(latents, labels, class_names, centers, path, seed=0):
@@ -197,12 +203,21 @@ def latent_space_figure(latents, labels, class_names, centers, path, seed=0):
             ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.6, color=cmap(j % cmap.N),
                        label=class_names[c])
         if centers is not None:
-            cxy = xy[len(feats):]
-            for j, c in enumerate(classes):
-                ax.scatter(cxy[c, 0], cxy[c, 1], marker="X", s=160, color=cmap(j % cmap.N), edgecolor="black")
+            _mark_centers(ax, xy[len(feats):][classes], [class_names[c] for c in classes],
+                          [cmap(j % cmap.N) for j in range(len(classes))], tol=0.03 * np.ptp(xy, axis=0).max())
         ax.set_title(f"{title} of held-out latents (X: class centers)", fontsize=10)
     axes[0].legend(fontsize=8, markerscale=2, loc="best")
     _save(fig, path)
+
+
+def _mark_centers(ax, xy, names, colors, tol):
+    """Class centers as X's in their class's colour, each named; a center on (within tol of) an
+    earlier one gets a smaller X on top and its name below the other's, so every one stays visible."""
+    for i, ((x, y), name, color) in enumerate(zip(xy, names, colors)):
+        k = int((np.hypot(*(xy[:i] - (x, y)).T) <= tol).sum())  # earlier centers it would hide under
+        ax.scatter(x, y, marker="X", s=160 * 0.55 ** k, color=color, edgecolor="black", zorder=3 + k)
+        ax.annotate(name, (x, y), xytext=(8, 4 - 11 * k), textcoords="offset points", fontsize=8,
+                    bbox=dict(boxstyle="round,pad=0.15", fc=color, alpha=0.5, lw=0))
 
 
 def denoising_path_figure(pipe, label, real_latents, real_labels, path, num_samples=6, seed=0, **sample_kwargs):
@@ -226,6 +241,9 @@ def denoising_path_figure(pipe, label, real_latents, real_labels, path, num_samp
         ax.scatter(path_xy[0, k, 0], path_xy[0, k, 1], marker="o", color="white", edgecolor="black", s=30, zorder=3)
         ax.scatter(path_xy[-1, k, 0], path_xy[-1, k, 1], marker="*", color=cmap(label % cmap.N),
                    edgecolor="black", s=140, zorder=3)
+    share = pca.explained_variance_ratio_
+    ax.set_xlabel(f"PC 1 of the real latents ({share[0]:.0%} of their variance)", fontsize=8)
+    ax.set_ylabel(f"PC 2 of the real latents ({share[1]:.0%} of their variance)", fontsize=8)
     ax.set_title(f"denoising paths of {num_samples} '{pipe.class_names[label]}' samples "
                  f"(x0 estimate per step; o start, * end), PCA of real latents", fontsize=9)
     ax.legend(fontsize=7, markerscale=2)
