@@ -101,7 +101,8 @@ class SelfAttention2d(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # each [B, heads, HW, head_dim]
+        # each [B, heads, HW, head_dim], made dense: the fused kernels need the last dim's stride 1
+        q, k, v = qkv.transpose(-1, -2).contiguous().unbind(dim=1)
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 

@@ -16,6 +16,7 @@ class UNet(nn.Module):
         self.embed = ConditionEmbedding(num_classes, emb_dim, time_embed_dim or base_channels)
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
+        # attention_resolutions: feature-map sides with attention; one no level has is passed over
         def level_layer(ch_in, ch_out, res):
             block = ResBlock(ch_in, ch_out, emb_dim, dropout)
             attn = SelfAttention2d(ch_out, num_heads) if res in attention_resolutions else nn.Identity()

@@ -42,6 +42,27 @@ def test_self_attention_mixes_positions():
     assert (diff[1:, 1:] > 0).all()
 
 
+def test_self_attention_hands_sdpa_dense_heads(monkeypatch):
+    """Fused SDPA kernels (flash, memory-efficient) take only inputs whose last dim has stride 1;
+    others fall back to the math kernel, which builds the whole HW x HW matrix."""
+    import models.blocks
+    seen, sdpa = [], models.blocks.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.extend(t.stride(-1) for t in (q, k, v))
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(models.blocks.F, "scaled_dot_product_attention", spy)
+    attn = SelfAttention2d(8, num_heads=2)
+    x = torch.randn(2, 8, 4, 4)
+    out = attn(x)
+    assert seen == [1, 1, 1]
+    heads = attn.qkv(attn.norm(x)).reshape(2, 3, 2, 4, 16).transpose(-1, -2)  # the attention written out
+    weights = torch.softmax(heads[:, 0] @ heads[:, 1].transpose(-1, -2) / 2.0, dim=-1)
+    expected = x + attn.proj((weights @ heads[:, 2]).transpose(-1, -2).reshape(2, 8, 4, 4))
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
 def tiny_cfg(**kw):
     return Config(**{**PRESETS["tiny"], **kw})
 
