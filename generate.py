@@ -97,7 +97,7 @@ def main(argv=None):
         images = pipe.sample_batched(torch.full((per_class,), c), batch_size=args.batch_size or 256, seed=seed)
         figures.save_grid(images, os.path.join(out, f"{name}_grid.png"), nrow=min(10, per_class))
         figures.save_individual(images, os.path.join(out, name), name)
-        print(f"{pipe.class_names[c]}: {per_class} images in {os.path.join(out, name)}, "
+        print(f"{pipe.class_names[c]}: {per_class} image{'s' if per_class != 1 else ''} in {os.path.join(out, name)}, "
               f"grid {os.path.join(out, name + '_grid.png')}")
     return 0
 

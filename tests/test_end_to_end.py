@@ -220,6 +220,7 @@ def real_classifier(tmp_path_factory, cifar10_root):
     # The validation images chose the best checkpoint; the official test batch (4 per class) did not.
     assert len(report["per_class"]) == 2 and report["heldout_images"] == 2  # 10% of 8 per class, at least one
     assert len(report["test_per_class"]) == 2 and report["test_images"] == 8
+    assert not os.path.exists(os.path.join(classifier_dir, "pictures"))  # it draws none there: no empty folder
     return os.path.join(classifier_dir, "classifier_best.pt")
 
 

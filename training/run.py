@@ -50,16 +50,17 @@ class Run:
         self.folder = folder  # made by create(), not here: reading a run must not make its folder
 
     def create(self):
-        """Make the folder (and pictures/) and prove it writable; training does this only once
-        every check has passed, so a refused command leaves no empty folder behind."""
+        """Make the folder and prove it writable; training does this only once every check has
+        passed, so a refused command leaves no empty folder behind."""
         if dist.is_main():
-            writable_folder(os.path.join(self.folder, "pictures"), "results folder")
             writable_folder(self.folder, "results folder")
 
     def path(self, *names):
         return os.path.join(self.folder, *names)
 
     def picture(self, name):
+        """A path in pictures/, made on first use (a classifier draws none there)."""
+        os.makedirs(os.path.join(self.folder, "pictures"), exist_ok=True)
         return os.path.join(self.folder, "pictures", name)
 
     def save_config(self, cfg, name="config.json"):
