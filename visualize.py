@@ -106,7 +106,8 @@ def main(argv=None):
         latents = pipe.to_model_space(images).cpu()
         if classes is None and pipe.num_classes > 10:  # many classes: a readable spread, not a blur of 102
             classes = figures.pick_classes(pipe.class_names)
-            classes += [label] if args.mode == "denoising_path" and label not in classes else []
+        if classes is not None and args.mode == "denoising_path" and label not in classes:
+            classes = [*classes, label]  # the sampled class's own latents belong under its paths
         if classes is not None:
             keep = torch.isin(labels, torch.tensor(classes))
             latents, labels = latents[keep], labels[keep]
@@ -127,7 +128,7 @@ def main(argv=None):
 def _refuse_flags_the_run_was_not_trained_with(args, run_dir):
     """For the one mode that loads no checkpoint, what the others do with theirs: a flag that
     differs from how the run was trained is refused (against its denoiser's or VAE's config:
-    config.json may be a classifier's trained into the folder since)."""
+    config.json holds whichever stage trained last)."""
     from pipeline import DENOISER_FILES, VAE_FILES, config_of_saved_run
     config_of_saved_run(args, run_dir, DENOISER_FILES + VAE_FILES, "--mode loss_curves")
 

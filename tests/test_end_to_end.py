@@ -446,3 +446,14 @@ def test_decoding_undoes_the_latent_standardization(latent_run, cifar10_root):
         mean, _ = pipe.vae.encode(to_float(images))
         direct = pipe.vae.decode(mean).float().clamp(-1, 1)
     torch.testing.assert_close(pipe.decode(pipe.to_model_space(images)), direct, atol=1e-5, rtol=0)
+
+
+def test_denoising_path_draws_the_sampled_class_under_its_paths_when_classes_leave_it_out(latent_run, monkeypatch):
+    from viz import figures
+    shown, draw = [], figures.denoising_path_figure
+    monkeypatch.setattr(figures, "denoising_path_figure",
+                        lambda pipe, label, latents, labels, *a, **k: (shown.append(set(labels.tolist())),
+                                                                       draw(pipe, label, latents, labels, *a, **k)))
+    assert visualize.main(["--results_dir", latent_run, "--mode", "denoising_path", "--classes", "cat",
+                           "--class_name", "dog", "--num_samples", "2", "--steps", "3", "--device", "cpu"]) == 0
+    assert shown == [{0, 1}]  # cat as asked, and dog, the class sampled
