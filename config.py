@@ -253,8 +253,9 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_common_args(parser):
-    """Flags every entry point shares, with the same names everywhere."""
+def add_common_args(parser, without=()):
+    """Flags the entry points share, with the same names everywhere; `without` names those an
+    entry point never reads, so that its --help does not offer them."""
     g = parser.add_argument_group("run")
     g.add_argument("--dataset", help="cifar10_catdog (default), cifar10, celeba_smiling, flowers102, folder")
     g.add_argument("--data_root", help="dataset folder (default ./datasets/<dataset>)")
@@ -262,10 +263,12 @@ def add_common_args(parser):
     g.add_argument("--model", choices=DENOISERS, help="denoiser (default latent_unet)")
     g.add_argument("--seed", type=int, help="random seed (same seed, same results)")
     g.add_argument("--device", choices=DEVICES, default="auto")
-    g.add_argument("--batch_size", type=int, help="batch size of the stage being run")
-    g.add_argument("--subset", type=int,
-                   help="train on N images drawn at random (the same N images in every run), each class "
-                        "keeping its share")
+    if "batch_size" not in without:
+        g.add_argument("--batch_size", type=int, help="batch size of the stage being run")
+    if "subset" not in without:
+        g.add_argument("--subset", type=int,
+                       help="train on N images drawn at random (the same N images in every run), each class "
+                            "keeping its share")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="named settings on top of the defaults (the measured 20-minute recipe): cpu (bf16 "
                         "autocast), s1 and s4 (the seeds'), tiny (smoke runs)")
@@ -276,7 +279,8 @@ def add_common_args(parser):
                         "(default); 'official' uses the 1020-image train split")
     g.add_argument("--val_fraction", type=float, help="held-out share of train when a dataset has no "
                                                       "validation split (default 0.1)")
-    g.add_argument("--download", action="store_true", default=None, help="let torchvision download the dataset")
+    if "download" not in without:
+        g.add_argument("--download", action="store_true", default=None, help="let torchvision download the dataset")
     g.add_argument("--amp", choices=AMP_MODES,
                    help="mixed precision of training and sampling (auto: bf16 where the hardware has it natively, "
                         "GPUs of compute capability 8.0+ and CPUs with AVX512-BF16 or AMX; fp16 with loss "

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--classify_images", type=int,
                    help="--evaluate: held-out images for the diffusion classifier (default 100 with up to "
                         "10 classes, else 0)")
-    add_common_args(p)
+    add_common_args(p, without=("subset", "download"))  # sampling and scoring read neither
     add_sampling_args(p)
     args = p.parse_args(argv)
     if args.no_fid and args.inception_weights is not None:
@@ -50,7 +50,7 @@ def parse_args(argv=None):
         raise UserError("--class_name is empty: give a class name, or 'all' for every class")
     action = ("--evaluate" if args.evaluate else "--classify" if args.classify
               else "--create_animation" if args.create_animation else "sampling")
-    policed = set().union(*ACTION_FLAGS.values()) | {"subset", "download"}
+    policed = set().union(*ACTION_FLAGS.values())
     refuse_unused_flags(args, ACTION_FLAGS[action], policed, action)
     if args.results_dir is not None and args.model_path is not None:  # README: one or the other
         raise UserError("give --model_path or --results_dir, not both: --model_path samples a checkpoint file "

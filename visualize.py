@@ -30,10 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--class_name", help="class for the single-class modes (default: the first)")
     p.add_argument("--classes", nargs="+", help="classes to show (default: all, or a spread of 10)")
     p.add_argument("--num_samples", type=positive_int, help="images per class or paths (default 8)")
-    add_common_args(p)
+    add_common_args(p, without=("batch_size", "subset", "download"))  # no mode reads them
     add_sampling_args(p)
     args = p.parse_args(argv)
-    policed = set().union(*MODE_FLAGS.values()) | {"batch_size", "subset", "download"}
+    policed = set().union(*MODE_FLAGS.values())
     refuse_unused_flags(args, MODE_FLAGS[args.mode], policed, f"--mode {args.mode}")
     if args.class_name is not None and not args.class_name.strip():
         raise UserError("--class_name is empty: give a class name")

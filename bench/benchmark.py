@@ -355,7 +355,7 @@ def fmt(value, spec):
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--out", help="JSON file (default bench/results/<device>-<date>.json)")
+    p.add_argument("--out", help="JSON file (default bench/results/<device>-<date>[-<preset>][-quick].json)")
     p.add_argument("--quick", action="store_true", help="fewer repeats and, on CPU, smaller batches; DDPM-1000 "
                                                          "extrapolated from 10 steps (CPU) or 100 (GPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,

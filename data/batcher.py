@@ -33,7 +33,8 @@ class DeviceBatcher:
         self.per_rank = len(images) // world_size
         if len(self) == 0:  # e.g. a small --subset with a large batch size
             raise UserError(f"{len(images)} training images make no full batch of {batch_size} per process "
-                            f"({world_size} process{'es' if world_size != 1 else ''}); use a smaller batch size or more images")
+                            f"({world_size} process{'es' if world_size != 1 else ''}); use a smaller batch size or "
+                            f"more images")
 
     def __len__(self) -> int:
         full, rest = divmod(self.per_rank, self.batch_size)

@@ -491,3 +491,13 @@ def test_sampling_a_run_trained_without_label_dropout_at_another_guidance_is_ref
     assert build_config(Namespace(guidance_scale=1.0), base=saved).guidance_scale == 1.0
     with pytest.raises(UserError, match="--guidance_scale 3 guides against the null label"):
         build_config(Namespace(guidance_scale=3.0), base=saved)
+
+
+@pytest.mark.parametrize("script, absent", [("visualize", ["--batch_size", "--subset", "--download"]),
+                                            ("generate", ["--subset", "--download"])])
+def test_help_offers_no_flag_the_script_would_refuse(capsys, script, absent):
+    import importlib
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).parse_args(["--help"])
+    shown = capsys.readouterr().out
+    assert "--seed" in shown and not [flag for flag in absent if flag in shown]

@@ -592,6 +592,21 @@ def _snapshot(folder):
     return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
 
 
+def test_resuming_on_data_that_holds_out_other_images_is_refused(data, reference, tmp_path, capsys):
+    """One image more in the folder moves the validation carve-out: the run's held-out loss and best
+    checkpoint would change meaning mid-run. One error line, and the run's files untouched."""
+    grown, run_dir = tmp_path / "grown", tmp_path / "run"
+    shutil.copytree(data, grown)
+    shutil.copy(next((grown / "train" / "cat").iterdir()), grown / "train" / "cat" / "extra.png")
+    shutil.copytree(reference, run_dir)
+    before = _snapshot(run_dir)
+    assert train_in_process([*run_args(grown, run_dir, 3), "--resume"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: the data holds out other images than when the run started")
+    assert _snapshot(run_dir) == before
+
+
 @pytest.mark.parametrize("broken", ["metric", "weights"])
 def test_a_model_gone_non_finite_is_not_saved_over_the_last_good_one(data, tmp_path, monkeypatch, capsys, broken):
     """A too-high lr can leave weights huge but finite steps taken, the held-out loss NaN: from

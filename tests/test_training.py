@@ -417,7 +417,7 @@ def test_fp16_trains_every_stage_with_loss_scaling(tmp_path, image_folder_root, 
     GradScaler per optimizer and saves the scalers for resume; bf16 and float32 need none."""
     import main
     from training.checkpoint import load_checkpoint
-    from training.optim import amp_dtype, make_scaler
+    from training.optim import make_scaler
     cpu = torch.device("cpu")
     assert make_scaler(cpu, "bf16") is None and make_scaler(cpu, "none") is None and make_scaler(cpu, "auto") is None
     assert isinstance(make_scaler(cpu, "fp16"), torch.amp.GradScaler)

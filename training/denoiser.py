@@ -3,8 +3,8 @@ classifier-free guidance, EMA, warm-up, and validation loss at fixed noise."""
 import torch
 
 from data import to_uint8
-
 from diffusion.objective import DiffusionLoss
+from errors import UserError
 from models import build_denoiser
 from pipeline import Pipeline, make_schedule
 from training import distributed as dist

@@ -252,8 +252,8 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
             out_of_time = budget is not None and epoch < total_epochs and seconds + next_epoch_seconds > budget
             out_of_time = dist.any_across_ranks(out_of_time)
             if out_of_time and dist.is_main() and seconds > budget:  # the first epoch always runs
-                tqdm.write(f"[{stage.kind}] stopping after epoch {epoch}: it took {seconds / 60:.1f} min, more than the "
-                           f"{max_minutes:g}-minute budget (--minutes 0: no budget)")
+                tqdm.write(f"[{stage.kind}] stopping after epoch {epoch}: it took {seconds / 60:.1f} min, more than "
+                           f"the {max_minutes:g}-minute budget (--minutes 0: no budget)")
             elif out_of_time and dist.is_main():
                 tqdm.write(f"[{stage.kind}] stopping at epoch {epoch}: another epoch would pass the "
                            f"{max_minutes:g}-minute budget ({seconds / 60:.1f} min used; --minutes 0: no budget)"
