@@ -44,6 +44,7 @@ def case(id, script, *args, contains):
 
 M = ("main.py", "--train_diffusion", "--model", "unet", *TRAIN, "--data_root", "{data}",
      "--results_dir", "{fresh}")  # a valid fresh pixel run, to which each case adds one bad thing
+T = ("main.py", "--train_diffusion", *SHARED, "--data_root", "{data}", "--results_dir", "{fresh}")  # + --model
 
 CASES = [
     # --- main.py: names, sizes, counts, ranges
@@ -72,10 +73,11 @@ CASES = [
     case("main_width_not_split_into_heads", *M, "--model", "attn_unet", "--base_channels", "51",
          contains="--base_channels 51"),
     case("main_width_zero", *M, "--base_channels", "0", contains="head counts must be positive"),
-    case("main_patch_does_not_divide_latent", *M, "--model", "latent_transformer", "--patch_size", "3",
+    case("main_patch_does_not_divide_latent", *T, "--model", "latent_transformer", "--patch_size", "3",
          contains="--patch_size 3"),
-    case("main_patch_size_zero", *M, "--model", "transformer", "--patch_size", "0", contains="--patch_size"),
-    case("main_vae_res_blocks_negative", *M, "--vae_res_blocks", "-1", contains="--vae_res_blocks"),
+    case("main_patch_size_zero", *T, "--model", "transformer", "--patch_size", "0", contains="--patch_size"),
+    case("main_vae_res_blocks_negative", "main.py", "--train_vae", *SHARED, "--data_root", "{data}", "--results_dir",
+         "{fresh}", "--vae_res_blocks", "-1", contains="--vae_res_blocks must not be negative, got -1"),
     case("main_checkpoint_every_zero_on_resume", *M[:-1], "{pixel}", "--resume", "--epochs", "3",
          "--checkpoint_every", "0", contains="--checkpoint_every"),  # checked before an epoch trains unsaved
     case("main_dropout_out_of_range", *M, "--dropout", "2", contains="--dropout"),
@@ -388,7 +390,7 @@ IN_PROCESS = [
          "--results_dir", "{fresh}", "--prediction", "eps",
          contains="--prediction eps with --schedule cosine makes a latent model's samples blow up"),
     # architecture flags of the other family of denoisers, VAE flags to a pixel model
-    case("main_unet_flag_to_a_transformer", *M, "--model", "latent_transformer", "--base_channels", "16",
+    case("main_unet_flag_to_a_transformer", *T, "--model", "latent_transformer", "--base_channels", "16",
          contains="--base_channels does not apply to --model latent_transformer"),
     case("main_transformer_flag_to_a_unet", *M, "--patch_size", "2", contains="--patch_size does not apply to --model "
          "unet"),

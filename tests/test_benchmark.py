@@ -132,7 +132,8 @@ def sweep(tmp_path, monkeypatch):
     the held-out data or the real-data classifier, the first long steps, fails the test."""
     from bench import sampling_sweep
     from config import build_config
-    run = types.SimpleNamespace(cfg=build_config(argparse.Namespace(preset="tiny")), class_names=["cat", "dog"])
+    run = types.SimpleNamespace(cfg=build_config(argparse.Namespace(preset="tiny")), class_names=["cat", "dog"],
+                                num_classes=2, heldout_digest=None)
     assert run.cfg.timesteps == 100
     monkeypatch.setattr(sampling_sweep, "load_pipeline", lambda *args, **kwargs: run)
     monkeypatch.setattr(sampling_sweep, "check_heldout_classes", not_reached)
