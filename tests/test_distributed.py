@@ -140,7 +140,7 @@ for scaler in (None, torch.amp.GradScaler("cpu", init_scale=16.0)):
                                     scaler))
 with open(f"{sys.argv[2]}/rank{dist.rank()}.json", "w") as f:
     json.dump(judged, f)
-torch_dist.destroy_process_group()
+dist.teardown()  # a barrier first: gloo can abort a rank whose peer left mid-collective
 """
 
 
