@@ -349,7 +349,9 @@ def build_config(args, base=None):
                 raise UserError(f"the run was trained with {name}={saved!r}, not {flag} {value}; only runtime "
                                 f"settings can change when continuing or sampling from it")
         cfg = dataclasses.replace(base, **{k: v for k, v in flags.items() if k in RUNTIME_FIELDS})
-        return validate(cfg)
+        if "guidance_scale" in flags:  # a saved scale stands as it was trained (older runs could save any)
+            refuse_untrained_guidance(cfg, cfg.guidance_scale)
+        return validate(cfg, new_run=False)
     dataset = flags.get("dataset", Config.dataset)
     preset_name = flags.get("preset", "default")
     model = model_of(flags.get("model"), preset_name)
@@ -384,7 +386,15 @@ RUNTIME_FIELDS = {"results_dir", "data_root", "device", "seed", "download", "amp
                   "vae_grad_clip"}
 
 
-def validate(cfg):
+def refuse_untrained_guidance(cfg, scale):
+    """Guidance mixes in the null label's prediction, which a run without label dropout never trained."""
+    if cfg.label_dropout == 0 and scale != 1:
+        raise UserError(f"--guidance_scale {scale:g} guides against the null label, which a run with --label_dropout "
+                        f"0 never trains: use --guidance_scale 1, or train with label dropout")
+
+
+def validate(cfg, new_run=True):
+    """Ranges and consistency of a config; new_run: also the recipe checks a saved run predates."""
     from data import dataset_names, default_image_size  # late import: data imports nothing from here
     from training.optim import LR_SCHEDULES
     checks = [
@@ -428,13 +438,11 @@ def validate(cfg):
         (cfg.image_size is None or cfg.image_size >= 8, f"--image_size must be at least 8, got {cfg.image_size}"),
         (0 <= cfg.val_fraction < 1, f"--val_fraction must be in [0, 1), got {cfg.val_fraction}"),
         (0 <= cfg.label_dropout < 1, "--label_dropout must be in [0, 1)"),
-        (cfg.label_dropout > 0 or cfg.guidance_scale == 1,
-         f"--guidance_scale {cfg.guidance_scale:g} guides against the null label, which a run with --label_dropout 0 "
-         f"never trains: use --guidance_scale 1, or train with label dropout"),
         # x0 = (x_t - sigma eps) / alpha with the cosine schedule's alpha = 5e-5 at the noisiest
         # step turns an eps error of 1e-3 into an x0 error of 20; pixel models clip it to the data
-        # range, latents have none (Salimans & Ho 2022, section 4: predict v or x0 there).
-        (not (cfg.is_latent and cfg.schedule == "cosine" and cfg.prediction == "eps"),
+        # range, latents have none (Salimans & Ho 2022, section 4: predict v or x0 there). A new
+        # run's recipe only: a saved run, however trained, stays loadable.
+        (not new_run or not (cfg.is_latent and cfg.schedule == "cosine" and cfg.prediction == "eps"),
          "--prediction eps with --schedule cosine makes a latent model's samples blow up (alpha is 5e-5 at the "
          "noisiest step, and latents cannot be clipped like pixels): use --prediction v or x0, or --schedule linear"),
         (cfg.patience >= 0, f"--patience must not be negative, got {cfg.patience}"),
@@ -457,6 +465,8 @@ def validate(cfg):
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    if new_run:
+        refuse_untrained_guidance(cfg, cfg.guidance_scale)
     cfg.image_size = cfg.image_size or default_image_size(cfg.dataset)
     if cfg.image_size is not None and cfg.is_latent and cfg.image_size % cfg.vae_downsampling:
         raise UserError(f"--image_size {cfg.image_size} is not divisible by the VAE's downsampling")

@@ -203,6 +203,7 @@ def main(argv=None):
                  (["conditional_diffusion_last.pt"] if args.train_diffusion or args.train_all else []) + \
                  (["classifier_last.pt"] if args.train_classifier else [])
         cfg = runner.config_for_saved_run(args, stages)
+        refuse_flags_no_stage_reads(args, stage, cfg.model)  # now that the run's model is known
         stage_config = lambda name: runner.config_for_saved_run(args, stages, name)  # noqa: E731
     else:
         cfg = build_config(args)

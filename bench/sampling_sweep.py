@@ -10,7 +10,6 @@ Writes the JSON and, beside it under the same name, a plot of accuracy, FD and K
 guidance scale.
 """
 import argparse
-import dataclasses
 import math
 import os
 import sys
@@ -20,7 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import AMP_MODES, DEVICES, MAX_GUIDANCE, ArgumentParser, positive_int, validate, write_json  # noqa: E402
+from config import (AMP_MODES, DEVICES, MAX_GUIDANCE, ArgumentParser, positive_int,  # noqa: E402
+                    refuse_untrained_guidance, write_json)
 from errors import UserError, run_main  # noqa: E402
 from data import to_uint8  # noqa: E402
 from diffusion.guidance import GUIDANCE_SCHEDULES  # noqa: E402
@@ -114,8 +114,8 @@ def main(argv=None):
     # --seed through the run's config, whose validation checks its range as generate.py's
     pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema,
                          overrides=argparse.Namespace(amp=args.amp, seed=args.seed))
-    for scale in scales:  # the run's own checks, at each scale (guidance needs a trained null label)
-        validate(dataclasses.replace(pipe.cfg, guidance_scale=scale))
+    for scale in scales:
+        refuse_untrained_guidance(pipe.cfg, scale)
     timesteps = pipe.cfg.timesteps
     too_long = [f"{sampler}:{steps}" for sampler, steps in specs if steps > timesteps]
     if too_long:

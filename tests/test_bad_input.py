@@ -396,6 +396,8 @@ IN_PROCESS = [
          "unet"),
     case("main_vae_flag_to_a_pixel_model", "main.py", "--train_all", "--model", "unet", *TRAIN, "--data_root", "{data}",
          "--results_dir", "{fresh}", "--kl_weight", "1", contains="--kl_weight does not apply to --model unet"),
+    case("main_vae_flag_resuming_a_pixel_run", "main.py", "--train_all", "--resume", "--results_dir", "{pixel}",
+         "--vae_epochs", "7", "--device", "cpu", contains="--vae_epochs does not apply to --model unet"),
     # --checkpoint_path: its own stage, a flag that stage reads, a target it has not reached
     case("main_checkpoint_of_another_stage", "main.py", "--train_diffusion", "--checkpoint_path",
          "{latent}/vae_gan_last.pt", "--total_epochs", "3", "--results_dir", "{fresh}",
@@ -493,6 +495,16 @@ def test_sampling_a_run_trained_without_label_dropout_at_another_guidance_is_ref
     assert build_config(Namespace(guidance_scale=1.0), base=saved).guidance_scale == 1.0
     with pytest.raises(UserError, match="--guidance_scale 3 guides against the null label"):
         build_config(Namespace(guidance_scale=3.0), base=saved)
+
+
+def test_runs_saved_before_the_recipe_checks_still_load():
+    """A new run is refused eps on the cosine schedule for a latent model, and guidance without label
+    dropout; a run saved before those checks existed still samples, resumes and draws as it was."""
+    from argparse import Namespace
+
+    from config import Config, build_config
+    assert build_config(Namespace(), base=Config(prediction="eps")).prediction == "eps"
+    assert build_config(Namespace(), base=Config(label_dropout=0.0)).guidance_scale == Config.guidance_scale
 
 
 @pytest.mark.parametrize("script, absent", [("visualize", ["--batch_size", "--subset", "--download"]),
