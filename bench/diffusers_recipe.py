@@ -31,7 +31,8 @@ from config import DEVICES, ArgumentParser, Config, positive_int, validate, writ
 from errors import UserError, run_main  # noqa: E402
 from data import load_dataset, to_uint8  # noqa: E402
 from data.batcher import DeviceBatcher  # noqa: E402
-from evaluation.evaluate import OfflineMetrics, balanced_labels, load_real_classifier  # noqa: E402
+from evaluation.evaluate import (OfflineMetrics, balanced_labels, check_sample_count,  # noqa: E402
+                                 load_real_classifier)
 from training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from training.loop import rng_state, select_device, set_rng_state  # noqa: E402
 from training.run import commit_label, device_name  # noqa: E402
@@ -207,6 +208,7 @@ def main(argv=None):
     cfg = validate(Config(dataset=args.dataset, data_root=args.data_root, results_dir=args.out, seed=args.seed))
     train_set = load_dataset(cfg.dataset, cfg.data_root, "train", cfg.image_size, val_fraction=cfg.val_fraction)
     num_classes = len(train_set.class_names)
+    check_sample_count(args.num_samples, num_classes, "scoring the contender")  # before the budget is spent
     model_path = os.path.join(args.out, "model.pt")
     if args.stage == "score":
         saved = load_checkpoint(model_path, "the contender's trained model (run --stage train first)")

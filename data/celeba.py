@@ -65,7 +65,7 @@ def load_celeba(root: Path, download: bool = False, attribute: str = "Smiling") 
                 splits[split].labels.append(int(is_positive[name]))
             else:
                 skipped[split] += 1
-    if any(skipped.values()):
+    if any(skipped.values()) and os.environ.get("RANK", "0") == "0":  # once under torchrun
         counts = ", ".join(f"{split} {count}" for split, count in skipped.items())
         print(f"note: CelebA: skipped {sum(skipped.values())} images listed in {folder / partition_file} that are "
               f"missing from {images} or {attr_file} ({counts})", file=sys.stderr)

@@ -137,7 +137,7 @@ class OfflineMetrics:
             whole = self.trained_images is self.train_images and len(self.train_subset) == len(self.train_images)
             feats = [self.train_feats if whole else self.features(self.trained_images)]
             if self.mirrors:
-                feats.append(self.features(self.trained_images.flip(-1)))
+                feats.append(self.features(self.trained_images, mirrored=True))
             self._all_train_feats = torch.cat(feats)
         return self._all_train_feats
 
@@ -146,8 +146,8 @@ class OfflineMetrics:
         image = self.trained_images[index % len(self.trained_images)]
         return image.flip(-1) if index >= len(self.trained_images) else image
 
-    def features(self, images_uint8):
-        return extract_features(self.classifier.features, images_uint8, device=self.device)
+    def features(self, images_uint8, mirrored=False):
+        return extract_features(self.classifier.features, images_uint8, device=self.device, mirrored=mirrored)
 
     def accuracy(self, images_uint8, labels):
         from training.classifier import classifier_logits
@@ -186,11 +186,11 @@ def balanced_labels(num_samples, num_classes):
     return torch.arange(num_samples) % num_classes
 
 
-def check_sample_count(num_samples, num_classes, what):
+def check_sample_count(num_samples, num_classes, what, flag="--num_samples"):
     """A class with no samples would go unscored yet count in FD's reference; KID compares pairs."""
     if num_samples < max(2, num_classes):
         raise UserError(f"{what} needs at least {max(2, num_classes)} samples (one per class of the {num_classes}, "
-                        f"and KID compares pairs), got --num_samples {num_samples}")
+                        f"and KID compares pairs), got {flag} {num_samples}")
 
 
 def inception_metrics(cfg, images_uint8, inception, device, cache_dir):

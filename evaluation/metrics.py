@@ -100,13 +100,15 @@ def uint8_to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 
 def extract_features(
-    fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 256, device="cpu"
+    fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 256, device="cpu",
+    mirrored: bool = False,
 ) -> torch.Tensor:
     """Run `fn` (images in [-1, 1] -> features) over `images` (uint8 [N,3,H,W] or float in [-1, 1])
-    in batches; returns float32 features on the CPU."""
+    in batches, or over their mirror images (flipped a batch at a time, not as a copy of them all);
+    returns float32 features on the CPU."""
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = uint8_to_unit_range(images[start : start + batch_size].to(device))
-            outputs.append(fn(batch).float().cpu())
+            outputs.append(fn(batch.flip(-1) if mirrored else batch).float().cpu())
     return torch.cat(outputs)

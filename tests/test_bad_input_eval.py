@@ -137,6 +137,16 @@ def test_scoring_on_data_that_holds_out_other_images_is_refused(runs, capsys, mo
             contains=[f"the data in {grown} holds out other images than the run did"])
 
 
+def test_evaluation_during_training_needs_a_sample_of_every_class(runs, capsys, monkeypatch, tmp_path):
+    """Two samples of three classes: refused before the classifier is loaded or a step is trained."""
+    import main
+    monkeypatch.setattr("evaluation.evaluate.load_real_classifier", not_reached)
+    refused(capsys, main.main, ["--train_diffusion", "--model", "unet", *TRAIN, "--data_root", runs.other,
+                                "--results_dir", tmp_path / "run", "--eval_every", "1", "--eval_samples", "2"],
+            contains=["--eval_every needs at least 3 samples (one per class of the 3", "got --eval_samples 2"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_needs_a_sample_of_every_class(monkeypatch):
     """Two samples of a three-class run leave a class unscored: refused before any work."""
     from errors import UserError

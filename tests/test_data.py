@@ -304,13 +304,16 @@ def test_celeba_crop_is_proportional(tmp_path):
     assert (full - half.flip(2)).abs().mean() > 10  # while a different picture is far off
 
 
-def test_celeba_skips_missing_images(tmp_path, capsys):
+def test_celeba_skips_missing_images(tmp_path, capsys, monkeypatch):
     root = make_celeba(tmp_path)
     for name in ("000001.jpg", "000005.jpg", "000004.jpg"):  # partitions 0, 0, 2 (pattern 0, 0, 1, 2)
         (root / "img_align_celeba" / name).unlink()
     train = load_dataset("celeba_smiling", root, "train")
     note = capsys.readouterr().err.splitlines()  # one line, no source line of a Python warning
     assert len(note) == 1 and re.match(r"note: CelebA: skipped 3 images .*\(train 2, val 0, test 1\)$", note[0])
+    data.clear_cache()
+    monkeypatch.setenv("RANK", "1")  # under torchrun the first process alone says it
+    assert len(load_dataset("celeba_smiling", root, "train")) == 10 and capsys.readouterr().err == ""
     assert len(train) == 10 and len(load_dataset("celeba_smiling", root, "test")) == 5
 
 

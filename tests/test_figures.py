@@ -55,6 +55,20 @@ def test_closest_pairs_name_their_columns_distances_and_near_copies(drawn, tmp_p
     assert rows == ["distance 0.0000 near copy", "distance 0.2500 not a near copy"]
 
 
+def test_closest_pairs_show_each_sample_beside_its_nearest_training_image(monkeypatch, tmp_path):
+    """The training image is what train_image(i) gives for the report's index (a mirror image there)."""
+    gen = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    train = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    report = {"threshold": 0.1, "closest_gen_indices": [2, 0], "closest_train_indices": [4, 1],
+              "closest_distances": [0.0, 0.2]}
+    shown = []
+    monkeypatch.setattr(figures, "labelled_rows", lambda rows, *args, **kwargs: shown.extend(rows))
+    save_closest_pairs(tmp_path / "pairs.png", gen, lambda i: train[i].flip(-1), report)
+    assert len(shown) == 2
+    for row, g, t in zip(shown, [2, 0], [4, 1]):
+        assert row.shape[0] == 2 and torch.equal(row[0], gen[g]) and torch.equal(row[1], train[t].flip(-1))
+
+
 def test_closest_pairs_png_has_a_row_per_pair(tmp_path):
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     report = {"threshold": 0.1, "closest_gen_indices": [0, 1, 2, 3], "closest_train_indices": [3, 2, 1, 0],

@@ -94,17 +94,21 @@ class DenoiserStage:
         held-out images in the real-data classifier's features; else the held-out loss."""
         return ("classifier_fd_heldout", "min") if self.cfg.eval_every else ("val_loss", "min")
 
+    def eval_samples_per_rank(self):
+        return max(self.cfg.eval_samples // dist.world_size(), 1)
+
     def offline_metrics(self):
-        from evaluation.evaluate import OfflineMetrics, load_real_classifier
+        from evaluation.evaluate import OfflineMetrics, check_sample_count, load_real_classifier
+        check_sample_count(self.eval_samples_per_rank() * dist.world_size(), self.num_classes, "--eval_every",
+                           "--eval_samples")
         classifier = load_real_classifier(self.cfg, self.device, self.cfg.classifier_path)
         return OfflineMetrics(classifier, self.cfg, self.device, self.num_classes)
 
     def sample_metrics(self):
         """Offline metrics of eval_samples samples, generated across ranks and gathered."""
         from evaluation.evaluate import balanced_labels
-        world = dist.world_size()
-        per_rank = max(self.cfg.eval_samples // world, 1)
-        labels = balanced_labels(per_rank * world, self.num_classes)
+        per_rank = self.eval_samples_per_rank()
+        labels = balanced_labels(per_rank * dist.world_size(), self.num_classes)
         # Rank r draws images r*per_rank... with their own seeds: the same images on any number of
         # GPUs, gathered back in order.
         first = dist.rank() * per_rank
