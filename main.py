@@ -15,24 +15,27 @@ from training.optim import LR_SCHEDULES
 def parse_args(argv=None):
     p = ArgumentParser(prog="main.py", description=__doc__)
     stage = p.add_mutually_exclusive_group(required=True)
-    stage.add_argument("--train_vae", action="store_true", default=None, help="train the VAE-GAN (latent models)")
-    stage.add_argument("--train_diffusion", action="store_true", default=None, help="train the conditional denoiser")
-    stage.add_argument("--train_all", action="store_true", default=None, help="VAE-GAN then denoiser (pixel models: denoiser)")
-    stage.add_argument("--train_classifier", action="store_true", default=None,
+    # Switches default to None, as every flag does: refuse_unused_flags takes None for "not given".
+    switch = dict(action="store_true", default=None)
+    stage.add_argument("--train_vae", **switch, help="train the VAE-GAN (latent models)")
+    stage.add_argument("--train_diffusion", **switch, help="train the conditional denoiser")
+    stage.add_argument("--train_all", **switch, help="VAE-GAN then denoiser (pixel models: denoiser)")
+    stage.add_argument("--train_classifier", **switch,
                        help="train the real-data classifier used by the offline metrics")
     p.add_argument("--epochs", type=positive_int, help="epochs of the stage being trained")
     p.add_argument("--vae_epochs", type=int, help="VAE-GAN epochs (with --train_all)")
     p.add_argument("--diffusion_epochs", type=int, help="denoiser epochs (with --train_all)")
     p.add_argument("--minutes", type=float, help="wall-clock budget of the stage being trained: it stops at the "
-                                                 "last epoch boundary that fits, after at least one (--epochs stays the cap; default "
-                                                 "4 for the VAE, 16 for the denoiser, 9 and 11 at 64x64; 0: no budget)")
+                                                 "last epoch boundary that fits, after at least one (--epochs stays "
+                                                 "the cap; default 4 for the VAE, 16 for the denoiser, 9 and 11 at "
+                                                 "64x64; 0: no budget)")
     p.add_argument("--vae_minutes", type=float, help="VAE-GAN budget in minutes (with --train_all; 0: none)")
     p.add_argument("--diffusion_minutes", type=float, help="denoiser budget in minutes (with --train_all; 0: none)")
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction,
                    help="train on images and their mirror images (default; --no-hflip where left and right "
                         "differ)")
     p.add_argument("--lr", type=float, help="learning rate of the stage(s) being trained")
-    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --results_dir from its last checkpoint")
+    p.add_argument("--resume", **switch, help="continue the run in --results_dir from its last checkpoint")
     p.add_argument("--checkpoint_path", help="continue from this checkpoint (with --total_epochs)")
     p.add_argument("--total_epochs", type=positive_int, help="with --checkpoint_path: train until this many epochs")
     add_common_args(p)

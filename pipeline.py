@@ -187,8 +187,9 @@ def first_file(folder, names):
 def config_of_saved_run(args, folder, names, what):
     """The flags in `args` over the config a run in `folder` was trained with (build_config's rule:
     only runtime settings may differ): the config inside the first of the checkpoints `names`
-    there is (each stage rewrites config.json), else config.json's. Returns (config, the file it came from); (None, config.json) where neither
-    exists. `what` names the command in the error for a config edited into nonsense."""
+    there is (each stage rewrites config.json), else config.json's. Returns (config, the file it
+    came from); (None, config.json) where neither exists. `what` names the command in the error
+    for a config edited into nonsense."""
     own = first_file(folder, names)
     source = own or os.path.join(folder, "config.json")
     if own is None and not os.path.isfile(source):
