@@ -40,6 +40,7 @@ def encode_images(vae, images_uint8, device, batch_size=256, flip=False):
 
 class Pipeline:
     checkpoint_path = None  # the file a loaded pipeline came from (load_pipeline sets it)
+    heldout_digest = None  # its run's fingerprint of the held-out images (data.split_digest), if saved
 
     def __init__(self, cfg, denoiser, class_names, device, vae=None, latent_shift=None, latent_scale=None):
         self.cfg, self.denoiser, self.class_names, self.device = cfg, denoiser, list(class_names), device

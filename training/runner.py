@@ -202,6 +202,7 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     state = _model_stage_state(cfg, DenoiserStage, resume, checkpoint_path)
     train, val = load_splits(cfg)
     per_rank = dist.per_rank_batch_size(cfg.batch_size)
+    heldout_digest = split_digest(val.images, val.labels)  # scores and resumes check the data against it
     if cfg.is_latent:
         vae, latents, labels, shift, scale, val_x = _latent_data(cfg, device, train, val,
                                                                  state["stage"] if state is not None else None)
@@ -210,12 +211,12 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
         shape = latents.shape[1:]
         shape = (shape[0] // 2,) + tuple(shape[1:])
         stage = DenoiserStage(cfg, train.class_names, shape, device, val_x, val.labels, run, vae, shift, scale,
-                              heldout_digest=split_digest(val.images, val.labels))
+                              heldout_digest=heldout_digest)
     else:
         batcher = DeviceBatcher(train.images, train.labels, per_rank, device, flip=cfg.hflip, seed=cfg.seed,
                                 rank=dist.rank(), world_size=dist.world_size())
         stage = DenoiserStage(cfg, train.class_names, train.images.shape[1:], device, to_float(val.images),
-                              val.labels, run, heldout_digest=split_digest(val.images, val.labels))
+                              val.labels, run, heldout_digest=heldout_digest)
     fit(stage, batcher, cfg, run, total_epochs or cfg.diffusion_epochs, state, max_minutes=cfg.diffusion_minutes)
     if dist.is_main():  # the finished run's sampling checkpoint (full state, EMA inside)
         copy_checkpoint(run.path(stage.last_name), run.path(stage.final_name))
