@@ -77,9 +77,11 @@ class AdaptiveTimesteps:
     device, no host sync), mixed with 10% uniform; each sample is reweighted by 1 / (T p(t)) so
     the objective stays the same in expectation."""
 
-    def __init__(self, timesteps, bins=20, decay=0.99, uniform=0.1):
+    def __init__(self, timesteps, bins=20, decay=0.99, uniform=0.1, sum_across_ranks=None):
         bins = min(bins, timesteps)  # no empty bin
         self.timesteps, self.bins, self.decay, self.uniform = timesteps, bins, decay, uniform
+        # under DDP: every rank's losses update one table (as ADM's loss-aware sampler gathers them)
+        self.sum_across_ranks = sum_across_ranks or (lambda x: x)
         # integer bin edges, so that sample() and update() put every timestep in the same bin
         self.edges = torch.arange(bins + 1) * timesteps // bins
         self.mean_sq = None
@@ -101,8 +103,10 @@ class AdaptiveTimesteps:
     def update(self, t, losses):
         self.probabilities(t.device)  # initialises the running means
         b = torch.bucketize(t, self.edges[1:], right=True)
-        sums = torch.zeros(self.bins, device=t.device).index_add_(0, b, losses.detach().float().pow(2))
-        counts = torch.zeros(self.bins, device=t.device).index_add_(0, b, torch.ones_like(losses, dtype=torch.float))
+        sums_counts = torch.zeros(2, self.bins, device=t.device)
+        sums_counts[0].index_add_(0, b, losses.detach().float().pow(2))
+        sums_counts[1].index_add_(0, b, torch.ones_like(losses, dtype=torch.float))
+        sums, counts = self.sum_across_ranks(sums_counts)
         seen = counts > 0
         batch_mean = torch.where(seen, sums / counts.clamp_min(1), self.mean_sq)
         self.mean_sq = torch.where(seen, self.decay * self.mean_sq + (1 - self.decay) * batch_mean, self.mean_sq)
@@ -120,10 +124,11 @@ class DiffusionLoss:
     plain MSE, or S2's balanced terms; t uniform or adaptively importance-sampled."""
 
     def __init__(self, schedule, prediction="eps", weighting="uniform", min_snr_gamma=5.0, terms="mse",
-                 timestep_sampling="uniform"):
+                 timestep_sampling="uniform", sum_across_ranks=None):
         self.schedule, self.prediction = schedule, prediction
         self.weighting, self.gamma, self.terms = weighting, min_snr_gamma, terms
-        self.adaptive = AdaptiveTimesteps(schedule.timesteps) if timestep_sampling == "adaptive" else None
+        self.adaptive = (AdaptiveTimesteps(schedule.timesteps, sum_across_ranks=sum_across_ranks)
+                         if timestep_sampling == "adaptive" else None)
 
     def __call__(self, model, x0, y, t=None, noise=None):
         """t and noise are drawn unless given (validation fixes them so epochs compare)."""

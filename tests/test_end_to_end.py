@@ -457,3 +457,18 @@ def test_denoising_path_draws_the_sampled_class_under_its_paths_when_classes_lea
     assert visualize.main(["--results_dir", latent_run, "--mode", "denoising_path", "--classes", "cat",
                            "--class_name", "dog", "--num_samples", "2", "--steps", "3", "--device", "cpu"]) == 0
     assert shown == [{0, 1}]  # cat as asked, and dog, the class sampled
+
+
+def test_the_held_out_latents_stay_when_a_resume_changes_seed_or_subset(latent_run):
+    """The best checkpoint is chosen on the held-out loss of these latents: a resume may change
+    --seed and --subset (at an epoch boundary), and must still measure the same held-out set."""
+    import dataclasses
+
+    from training.runner import _latent_data, load_splits
+    cfg = Config.from_dict(json.load(open(os.path.join(latent_run, "config.json"))))
+    resumed = load_checkpoint(os.path.join(latent_run, "conditional_diffusion_last.pt"))["stage"]
+    held_out = []
+    for changed in (cfg, dataclasses.replace(cfg, seed=5, subset=6)):
+        train, val = load_splits(changed)
+        held_out.append(_latent_data(changed, torch.device("cpu"), train, val, resumed)[-1])
+    assert torch.equal(*held_out)

@@ -242,6 +242,37 @@ def test_balanced_loss_trains_through_the_diffusion_loss():
     assert torch.isfinite(loss) and net.weight.grad.abs().sum() > 0
 
 
+def test_adaptive_timesteps_learn_from_every_ranks_losses():
+    """Under DDP each rank updates the table with the sums of all ranks' bins, so the tables stay one
+    table: the same as one process seeing both ranks' batches."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 100, (16,), generator=g), torch.rand(16, generator=g)) for _ in range(2)]
+    local = []  # each rank's own per-bin sums and counts, as it hands them to the all-reduce
+    for t, losses in batches:
+        AdaptiveTimesteps(100, decay=0.5, sum_across_ranks=lambda x: local.append(x) or x).update(t, losses)
+    ranks = []
+    for rank, (t, losses) in enumerate(batches):
+        table = AdaptiveTimesteps(100, decay=0.5, sum_across_ranks=lambda x: local[0] + local[1])
+        table.update(t, losses)
+        ranks.append(table.mean_sq)
+    one = AdaptiveTimesteps(100, decay=0.5)
+    one.update(torch.cat([t for t, _ in batches]), torch.cat([losses for _, losses in batches]))
+    assert torch.allclose(ranks[0], one.mean_sq) and torch.equal(ranks[0], ranks[1])
+
+
+def test_processes_that_read_different_data_are_refused(monkeypatch, image_folder_root):
+    from config import Config
+    from errors import UserError
+    from training import distributed, runner
+    cfg = Config(dataset="folder", data_root=str(image_folder_root), image_size=16)
+    monkeypatch.setattr(distributed, "enabled", lambda: True)
+    monkeypatch.setattr(distributed, "gather_objects", lambda mine: [mine, ["another", mine[1]]])
+    with pytest.raises(UserError, match="the processes read different images .*ranks 1 differ from rank 0"):
+        runner.load_splits(cfg)
+    monkeypatch.setattr(distributed, "gather_objects", lambda mine: [mine, list(mine)])
+    assert len(runner.load_splits(cfg)[0]) > 0
+
+
 def test_adaptive_timesteps_are_unbiased_and_follow_the_loss():
     sampler = AdaptiveTimesteps(1000, bins=10, decay=0.0)
     t = torch.arange(0, 1000, 10)

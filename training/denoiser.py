@@ -20,6 +20,12 @@ def latent_standardization(means):
     return shift, scale
 
 
+# The held-out loss's timesteps and noise, the held-out latents' posterior draw and the samples
+# scored during training come from this seed, not --seed: a resume may change --seed, and the best
+# checkpoint is chosen on them.
+HELDOUT_SEED = 1234
+
+
 class DenoiserStage:
     kind = "conditional_diffusion"
     early_stopping = True  # the S4 seed's: stop when the held-out metric stops improving
@@ -48,7 +54,7 @@ class DenoiserStage:
         self.scaler = make_scaler(device, cfg.amp)
         self.schedule = make_schedule(cfg)
         self.loss_fn = DiffusionLoss(self.schedule, cfg.prediction, cfg.loss_weighting, terms=cfg.loss,
-                                     timestep_sampling=cfg.timestep_sampling)
+                                     timestep_sampling=cfg.timestep_sampling, sum_across_ranks=dist.sum_across_ranks)
         self.val_x, self.val_y = val_x[:512].to(device), val_y[:512].to(device)
         self.vae, self.latent_shift, self.latent_scale = vae, latent_shift, latent_scale
         self.num_classes = num_classes
@@ -112,7 +118,7 @@ class DenoiserStage:
         # Rank r draws images r*per_rank... with their own seeds: the same images on any number of
         # GPUs, gathered back in order.
         first = dist.rank() * per_rank
-        images = self.pipeline().sample_batched(labels[first:first + per_rank], seed=self.cfg.seed + first)
+        images = self.pipeline().sample_batched(labels[first:first + per_rank], seed=HELDOUT_SEED + first)
         images = dist.gather_tensor(to_uint8(images).to(self.device)).cpu()
         m = self.offline(images, labels)
         return {k: m[k] for k in ("sample_accuracy", "classifier_fd", "classifier_fd_heldout", "classifier_kid")} | \
@@ -122,7 +128,7 @@ class DenoiserStage:
     def validate(self, epoch):
         """Loss of the EMA model on held-out data at fixed timesteps and noise, so epochs compare;
         every eval_every epochs also the offline sample metrics."""
-        g = torch.Generator(device="cpu").manual_seed(1234)
+        g = torch.Generator(device="cpu").manual_seed(HELDOUT_SEED)
         x0 = self.val_x
         t = torch.randint(0, self.schedule.timesteps, (len(x0),), generator=g).to(self.device)
         noise = torch.randn(x0.shape, generator=g).to(self.device)

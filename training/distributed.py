@@ -87,6 +87,14 @@ def mean_across_ranks(value):
     return float(t.item()) / world_size()
 
 
+def sum_across_ranks(t):
+    """A tensor summed over every rank (the sum on every rank), on its device: no host sync."""
+    if torch_dist.is_initialized():
+        t = t.clone()
+        torch_dist.all_reduce(t)
+    return t
+
+
 def any_across_ranks(flag):
     """True on every rank if it is true on any (so all ranks stop at the same step)."""
     if not torch_dist.is_initialized():

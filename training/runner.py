@@ -10,6 +10,7 @@ from data.batcher import DeviceBatcher
 from errors import UserError
 from training import distributed as dist
 from training.checkpoint import check_compatible, copy_checkpoint, load_checkpoint
+from training.denoiser import HELDOUT_SEED
 from training.loop import fit, rng_state, seed_everything, select_device
 from training.run import Run, writable_folder
 
@@ -26,8 +27,17 @@ def load_split(cfg, split):
 
 
 def load_splits(cfg):
-    """The training split and the held-out validation split of the configured dataset."""
-    return load_split(cfg, "train"), load_split(cfg, "val")
+    """The training split and the held-out validation split of the configured dataset, the same on
+    every rank (a copy that differs between machines would mismatch the collectives, or train on
+    other images unnoticed)."""
+    train, val = load_split(cfg, "train"), load_split(cfg, "val")
+    if dist.enabled():
+        read = dist.gather_objects([split_digest(s.images, s.labels) for s in (train, val)])
+        if any(digests != read[0] for digests in read):
+            raise UserError(f"the processes read different images from {cfg.data_root or cfg.dataset} (ranks "
+                            f"{', '.join(str(r) for r, d in enumerate(read) if d != read[0])} differ from rank 0): "
+                            f"give every process the same data")
+    return train, val
 
 
 def resume_state_for(cfg, stage_cls, resume, checkpoint_path=None):
@@ -192,6 +202,9 @@ def _latent_data(cfg, device, train, val, resumed=None):
     if resumed is not None:
         shift, scale = resumed["latent_shift"].to(shift.device), resumed["latent_scale"].to(scale.device)
     val_mean, val_logvar = encode_images(vae, val.images, device)
+    # The held-out latents from a generator of their own: --seed and --subset (which move g's
+    # stream) may change on resume, and the best checkpoint is chosen on these.
+    g = torch.Generator(device="cpu").manual_seed(HELDOUT_SEED)
     return vae, latents, labels, shift, scale, (sample(val_mean, val_logvar) - shift) / scale
 
 
