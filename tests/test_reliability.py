@@ -754,3 +754,7 @@ def test_the_classifier_resumes_in_its_default_folder_and_refuses_what_it_does_n
     assert not (tmp_path / "other").exists()
     assert train_in_process([*classifier[:-2], "--epochs", "2", "--resume"]) == 2
     assert "not --epochs (of --train_classifier) 2" in capsys.readouterr().err
+    # its one-cycle lr is planned over the first run's steps: another --subset would leave it undone
+    assert train_in_process([*classifier, "--subset", "8", "--resume"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: the classifier's one-cycle learning rate is planned over "), line

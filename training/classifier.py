@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from config import write_json
 from data import split_digest, to_float
 from data.batcher import DeviceBatcher
+from errors import UserError
 from evaluation.metrics import per_class_accuracy
 from models.classifier import ImageClassifier
 from training import distributed as dist
@@ -84,6 +85,11 @@ class ClassifierStage:
         return state
 
     def load_state_dict(self, state):
+        planned = state["sched"].get("total_steps")
+        if planned is not None and planned != self.sched.total_steps:  # OneCycleLR would keep the old plan
+            raise UserError(f"the classifier's one-cycle learning rate is planned over {planned} steps, and this "
+                            f"resume would take {self.sched.total_steps} (another --subset or number of processes): "
+                            f"resume it with the settings it started with")
         self.model.load_state_dict(state["model"])
         load_optimizer_state(self.opt, state["opt"], self.device)
         self.sched.load_state_dict(state["sched"])
