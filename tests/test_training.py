@@ -633,6 +633,30 @@ def test_the_generator_step_leaves_the_discriminator_without_gradients(tmp_path,
     assert any(not torch.equal(a, p) for a, p in zip(before, stage.disc.parameters()))
 
 
+def test_a_non_finite_discriminator_step_is_skipped_alone(tmp_path, monkeypatch):
+    """The generator has stepped by then: the step is not reported as skipped (the loop would count
+    it against --max_bad_steps and drop its generator losses), only the discriminator's is."""
+    import argparse
+    import types
+
+    import training.vae_gan as vae_gan
+    from config import build_config
+    cfg = build_config(argparse.Namespace(preset="tiny", image_size=16, perceptual_weight=0.0, adv_start_epoch=0,
+                                          adv_ramp_epochs=0, device="cpu"))
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    stage = vae_gan.VAEGANStage(cfg, 2, 16, torch.device("cpu"), types.SimpleNamespace(images=images,
+                                labels=torch.tensor([0, 1, 0, 1])), Run(str(tmp_path)), ["cat", "dog"])
+    disc = stage.disc_ddp
+    stage.disc_ddp = lambda x: disc(x) * float("nan")  # the discriminator's own loss goes non-finite
+    before_g = [p.detach().clone() for p in stage.vae.parameters()]
+    before_d = [p.detach().clone() for p in stage.disc.parameters()]
+    losses = stage.train_step(images.float() / 127.5 - 1, torch.tensor([0, 1, 0, 1]), 1.0)
+    assert losses is not None and "discriminator" not in losses and float(losses["discriminator_skipped"]) == 1
+    assert torch.isfinite(losses["total"]) and "adversarial" in losses
+    assert any(not torch.equal(a, p) for a, p in zip(before_g, stage.vae.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before_d, stage.disc.parameters()))
+
+
 def test_loaded_optimizer_moments_take_their_parameters_memory_layout():
     """A CPU run's contiguous AdamW moments, resumed where the weights are channels-last (CUDA)."""
     from training.optim import load_optimizer_state, make_optimizer

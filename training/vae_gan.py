@@ -163,10 +163,11 @@ class VAEGANStage:
             with autocast(self.device, cfg.amp):  # one forward of real and fake: DDP allows one per backward
                 real, fake = self.disc_ddp(torch.cat([x, recon.detach()])).float().chunk(2)
                 d_loss = F.softplus(-real).mean() + F.softplus(fake).mean()
-            if not grads_finite_step(d_loss, list(self.disc.parameters()), self.opt_d, cfg.vae_grad_clip,
-                                     self.scaler_d):
-                return None
-            losses["discriminator"] = d_loss
+            if grads_finite_step(d_loss, list(self.disc.parameters()), self.opt_d, cfg.vae_grad_clip,
+                                 self.scaler_d):
+                losses["discriminator"] = d_loss
+            else:  # the generator's step stands: not a skipped step, but metrics.csv counts these
+                losses["discriminator_skipped"] = torch.ones((), device=self.device)
         losses["total"] = total
         return {k: v.detach() for k, v in losses.items()}
 
