@@ -49,6 +49,10 @@ class ClassifierStage:
     def __init__(self, cfg, class_names, device, val_set, steps_total, run):
         self.cfg, self.device, self.run, self.class_names = cfg, device, run, list(class_names)
         self.model = build_classifier(cfg, len(class_names)).to(device)
+        if dist.enabled() and device.type == "cuda":  # batch statistics over every GPU's share, and
+            # the same running statistics on every rank (SyncBatchNorm runs on GPUs only: under gloo
+            # on CPUs each process normalizes its own share)
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.train_model = dist.wrap(self.model, device)
         self.opt = make_optimizer(self.model.parameters(), cfg.classifier_lr, weight_decay=5e-4, device=device)
         self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, cfg.classifier_lr, total_steps=max(steps_total, 1))
