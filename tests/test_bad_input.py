@@ -493,8 +493,9 @@ def test_sampling_a_run_trained_without_label_dropout_at_another_guidance_is_ref
     from errors import UserError
     saved = build_config(Namespace(preset="s1"))
     assert build_config(Namespace(guidance_scale=1.0), base=saved).guidance_scale == 1.0
-    with pytest.raises(UserError, match="--guidance_scale 3 guides against the null label"):
-        build_config(Namespace(guidance_scale=3.0), base=saved)
+    for scale in (3.0, 0.0):  # 0 is the null label's prediction alone
+        with pytest.raises(UserError, match=f"--guidance_scale {scale:g} guides against the null label"):
+            build_config(Namespace(guidance_scale=scale), base=saved)
 
 
 def test_runs_saved_before_the_recipe_checks_still_load():

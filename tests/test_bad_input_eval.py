@@ -137,6 +137,27 @@ def test_scoring_on_data_that_holds_out_other_images_is_refused(runs, capsys, mo
             contains=[f"the data in {grown} holds out other images than the run did"])
 
 
+def test_the_sweep_refuses_a_run_whose_data_grew_since(capsys, monkeypatch, tmp_path):
+    """Files added in place move the validation carve-out under a finished run: its held-out scores
+    could count images it trained on."""
+    import main
+    from bench import sampling_sweep
+    data = fixtures.make_image_folder(tmp_path / "data", n_train=8, n_test=2, size=16)
+    with one_torch_thread():
+        assert main.main(["--train_diffusion", "--model", "unet", *TRAIN, "--data_root", str(data), "--epochs", "1",
+                          "--results_dir", str(tmp_path / "run")]) == 0
+    Image.new("RGB", (16, 16)).save(data / "train" / "cat" / "extra.png")
+    import data as data_module  # a later command is a new process: nothing read before is cached
+    from evaluation import evaluate
+    data_module.clear_cache()
+    evaluate._read_heldout_split.cache_clear()
+    capsys.readouterr()  # the training's own output
+    monkeypatch.setattr(sampling_sweep, "load_real_classifier", not_reached)
+    refused(capsys, sampling_sweep.main, ["--results_dir", tmp_path / "run", "--device", "cpu", "--num_samples", "2",
+                                          "--out", tmp_path / "sweep.json"],
+            contains=[f"the data in {data} holds out other images than the run did"])
+
+
 def test_evaluation_during_training_needs_a_sample_of_every_class(runs, capsys, monkeypatch, tmp_path):
     """Two samples of three classes: refused before the classifier is loaded or a step is trained."""
     import main

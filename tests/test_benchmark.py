@@ -141,6 +141,18 @@ def sweep(tmp_path, monkeypatch):
     return lambda *args: exit_status(sampling_sweep.main, ["--results_dir", tmp_path, "--device", "cpu", *args])
 
 
+def test_sampling_sweep_needs_a_sample_of_every_class(tmp_path, monkeypatch, capsys):
+    from bench import sampling_sweep
+    from config import build_config
+    run = types.SimpleNamespace(cfg=build_config(argparse.Namespace(preset="tiny")), class_names=["a", "b", "c"],
+                                num_classes=3, heldout_digest=None)
+    monkeypatch.setattr(sampling_sweep, "load_pipeline", lambda *args, **kwargs: run)
+    monkeypatch.setattr(sampling_sweep, "check_heldout_classes", not_reached)
+    monkeypatch.setattr(sampling_sweep, "load_real_classifier", not_reached)
+    status = exit_status(sampling_sweep.main, ["--results_dir", tmp_path, "--device", "cpu", "--num_samples", "2"])
+    assert_refused(capsys, status, "the sweep needs at least 3 samples (one per class of the 3")
+
+
 @pytest.mark.parametrize("args, contains", [
     (["--samplers", "ddim:100,dpmpp:1000"], "--samplers dpmpp:1000:"), (["--guidance", "nan"], "--guidance"),
     (["--guidance", "2,-1"], "--guidance"), (["--guidance", "1e9"], "--guidance"),

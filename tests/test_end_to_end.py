@@ -224,7 +224,7 @@ def real_classifier(tmp_path_factory, cifar10_root):
     return os.path.join(classifier_dir, "classifier_best.pt")
 
 
-def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifier, tmp_path):
+def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifier, tmp_path, monkeypatch):
     import pytorch_fid.inception
     from evaluation.inception import _fid_weights_source
     # The real-weights path, with random Inception weights saved in the standard file format.
@@ -232,6 +232,7 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifie
         random_state = pytorch_fid.inception.fid_inception_v3().state_dict()
     weights = str(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
     torch.save(random_state, weights)
+    monkeypatch.setattr("training.run.git_commit", lambda: ("abc1234", True))  # edited code is marked
     assert generate.main(["--evaluate", "--results_dir", latent_run, "--num_samples", "16", "--device", "cpu",
                           "--classifier_path", real_classifier,
                           "--inception_weights", weights, "--classify_images", "4", "--steps", "5"]) == 0
@@ -240,7 +241,7 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifie
                 "total_seconds", "sample_accuracy", "sample_accuracy_per_class", "real_heldout_accuracy",
                 "classifier_fd", "classifier_kid", "memorization", "fid", "kid_mean", "diffusion_classifier"):
         assert key in result, key
-    assert result["num_samples"] == 16 and result["steps"] == 5
+    assert result["num_samples"] == 16 and result["steps"] == 5 and result["commit"] == "abc1234 (modified)"
     assert result["fid_reference"].endswith("images of the run's training split")
     assert result["fid_caveat"].startswith("16 samples, fewer than the 2048 features")
     per_class = result["sample_accuracy_per_class"]  # 8 samples of each class were drawn and scored
@@ -472,3 +473,28 @@ def test_the_held_out_latents_stay_when_a_resume_changes_seed_or_subset(latent_r
         train, val = load_splits(changed)
         held_out.append(_latent_data(changed, torch.device("cpu"), train, val, resumed)[-1])
     assert torch.equal(*held_out)
+
+
+def test_forward_process_of_a_latent_run_says_it_noises_pixels(latent_run, monkeypatch):
+    from viz import figures
+    seen, draw = [], figures.forward_process_figure
+
+    def spy(*args, latent=False, **kwargs):
+        seen.append(latent)
+        return draw(*args, latent=latent, **kwargs)
+
+    monkeypatch.setattr(figures, "forward_process_figure", spy)
+    assert visualize.main(["--results_dir", latent_run, "--mode", "forward_process", "--device", "cpu"]) == 0
+    assert seen == [True]
+
+
+def test_a_resume_may_repeat_the_runs_own_architecture_flags(image_folder_root, tmp_path):
+    """A transformer run resumed with its own --patch_size and no --model: not taken for the default
+    latent UNet, whose flags exclude the transformer's."""
+    run = str(tmp_path / "run")
+    args = ["--train_diffusion", "--model", "transformer", "--dataset", "folder", "--data_root",
+            str(image_folder_root), "--image_size", "16", "--patch_size", "4", "--results_dir", run] + TINY
+    assert main.main([*args, "--epochs", "1"]) == 0
+    resumed = [a for a in args if a not in ("--model", "transformer")]
+    assert main.main([*resumed, "--epochs", "2", "--resume"]) == 0
+    assert load_checkpoint(os.path.join(run, "conditional_diffusion_last.pt"))["epoch"] == 2

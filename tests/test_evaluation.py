@@ -340,3 +340,23 @@ def test_reports_mark_a_commit_whose_files_were_modified(monkeypatch, state, lab
     from training import run
     monkeypatch.setattr(run, "git_commit", lambda: state)
     assert run.commit_label() == label
+
+
+def test_offline_metrics_compare_balanced_accuracies_and_a_floor_of_as_many_images():
+    """The ratio divides balanced accuracies (a held-out split's class frequencies need not be the
+    samples'); the FD floor takes as many held-out images as there are samples."""
+    from evaluation.evaluate import OfflineMetrics, fixed_subset
+    from evaluation.metrics import frechet_distance
+    g = torch.Generator().manual_seed(0)
+    metrics = object.__new__(OfflineMetrics)
+    metrics.train_feats, metrics.val_feats = torch.randn(80, 4, generator=g), torch.randn(50, 4, generator=g)
+    samples = torch.randn(10, 4, generator=g)
+    metrics.features = lambda images, mirrored=False: samples
+    metrics.accuracy = lambda images, labels: {"accuracy": 0.9, "balanced_accuracy": 0.8, "per_class": [1.0, 0.6]}
+    metrics.real_accuracy = {"accuracy": 0.9, "balanced_accuracy": 0.6, "per_class": [1.0, 0.2]}
+    metrics.real_split = "test"
+    out = metrics(torch.zeros(10, 3, 8, 8, dtype=torch.uint8), torch.arange(10) % 2, memorization=False)
+    assert out["accuracy_ratio"] == pytest.approx(0.8 / 0.6)
+    assert out["classifier_fd_real_floor_images"] == 10
+    floor = frechet_distance(metrics.train_feats, metrics.val_feats[fixed_subset(50, 10)])
+    assert out["classifier_fd_real_floor"] == pytest.approx(floor)

@@ -128,7 +128,7 @@ class FourBatches(OneBatch):
             yield from super().epoch(e)
 
 
-def test_budget_after_a_mid_epoch_resume_counts_the_whole_next_epoch(tmp_path, timed_stage):
+def test_budget_after_a_mid_epoch_resume_counts_the_whole_next_epoch(tmp_path, timed_stage, capsys):
     """Resumed with one batch of an epoch left, that epoch's 10 s must not stand for the next
     epoch's 40 s: at 80 s of a 100 s budget another epoch would overrun it."""
     import os
@@ -147,13 +147,32 @@ def test_budget_after_a_mid_epoch_resume_counts_the_whole_next_epoch(tmp_path, t
             return super().train_step(x, y, epoch)
 
     cfg = Config(patience=0, picture_every=100)
-    with pytest.raises(StopRequested):
+    with pytest.raises(StopRequested, match="in epoch 2 after batch 3 of 4, step 7; resume with"):
         fit(StoppedStage([1.0] * 5), FourBatches(), cfg, Run(str(tmp_path)), total_epochs=5, max_minutes=100 / 60)
     state = load_checkpoint(str(tmp_path / "stub_last.pt"))
     assert (state["epoch"], state["batch_in_epoch"], state["train_seconds"]) == (1, 3, pytest.approx(70.0))
     resumed = timed_stage([1.0] * 5)
+    capsys.readouterr()
     fit(resumed, FourBatches(), cfg, Run(str(tmp_path)), total_epochs=5, resume_state=state, max_minutes=100 / 60)
     assert resumed.validated == 1 and load_checkpoint(str(tmp_path / "stub_last.pt"))["epoch"] == 2
+    # the stop and the resume count the epoch alike, from 1
+    assert "resuming conditional_diffusion in epoch 2 after batch 3 of 4, step 7" in capsys.readouterr().err
+
+
+def test_a_first_epoch_longer_than_the_budget_says_so(tmp_path, timed_stage, capsys):
+    fit(timed_stage([1.0] * 5), FourBatches(), Config(patience=0, picture_every=100), Run(str(tmp_path)),
+        total_epochs=5, max_minutes=0.5)  # the first epoch always runs: 40 s of a 30 s budget
+    assert "stopping after epoch 1: it took 0.7 min, more than the 0.5-minute budget" in capsys.readouterr().out
+
+
+def test_a_resume_with_every_epoch_done_says_there_is_nothing_to_train(tmp_path, capsys):
+    from training.checkpoint import load_checkpoint
+    cfg = Config(patience=0, picture_every=100)
+    fit(StubStage([1.0, 2.0]), OneBatch(), cfg, Run(str(tmp_path)), total_epochs=2)
+    again = StubStage([1.0])
+    fit(again, OneBatch(), cfg, Run(str(tmp_path)), total_epochs=2,
+        resume_state=load_checkpoint(str(tmp_path / "stub_last.pt")))
+    assert again.validated == 0 and "2 of 2 epochs are done: nothing to train" in capsys.readouterr().out
 
 
 def test_a_run_resumed_after_an_early_stop_trains_no_more(tmp_path, capsys):
