@@ -196,19 +196,17 @@ def sample(args, model, train_scheduler, labels, image_size, device, batch=250):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.num_samples < 2:  # refused before the training budget is spent
-        raise UserError(f"--num_samples must be at least 2 (KID compares pairs), got {args.num_samples}")
-    try:
-        import diffusers
-        from diffusers import DDPMScheduler
-    except ImportError:
-        raise UserError("diffusers is not installed: `pip install diffusers` (only this contender needs it)") from None
     torch.manual_seed(args.seed)
     device = select_device(args.device)
     cfg = validate(Config(dataset=args.dataset, data_root=args.data_root, results_dir=args.out, seed=args.seed))
     train_set = load_dataset(cfg.dataset, cfg.data_root, "train", cfg.image_size, val_fraction=cfg.val_fraction)
     num_classes = len(train_set.class_names)
     check_sample_count(args.num_samples, num_classes, "scoring the contender")  # before the budget is spent
+    try:
+        import diffusers
+        from diffusers import DDPMScheduler
+    except ImportError:
+        raise UserError("diffusers is not installed: `pip install diffusers` (only this contender needs it)") from None
     model_path = os.path.join(args.out, "model.pt")
     if args.stage == "score":
         saved = load_checkpoint(model_path, "the contender's trained model (run --stage train first)")

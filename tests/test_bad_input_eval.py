@@ -277,7 +277,16 @@ def recipe(monkeypatch, image_folder_root, tmp_path):
 def test_diffusers_recipe_refuses_one_sample_before_training(recipe, monkeypatch, capsys):
     monkeypatch.setattr(recipe.module, "train", not_reached)
     assert recipe.run("--num_samples", "1") == 2
-    assert "--num_samples must be at least 2" in capsys.readouterr().err
+    assert "scoring the contender needs at least 2 samples" in capsys.readouterr().err
+
+
+def test_diffusers_recipe_needs_a_sample_of_every_class_before_training(runs, capsys, monkeypatch, tmp_path):
+    """Checked before diffusers is even imported: here it is not installed."""
+    from bench import diffusers_recipe
+    monkeypatch.setattr(diffusers_recipe, "train", not_reached)
+    refused(capsys, diffusers_recipe.main, ["--data_root", runs.other, "--out", tmp_path / "out", "--device", "cpu",
+                                            "--num_samples", "2"],
+            contains=["scoring the contender needs at least 3 samples (one per class of the 3"])
 
 
 def test_diffusers_recipe_saves_the_class_names_and_scores_unequal_class_counts(recipe):

@@ -592,6 +592,15 @@ def _snapshot(folder):
     return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
 
 
+def test_train_all_continues_a_checkpoint_of_either_stage(data, reference, tmp_path):
+    """--checkpoint_path decides the stage; --train_all names either (its own flag is refused
+    with the other stage's checkpoint)."""
+    new = tmp_path / "continued"
+    argv = ["--train_all", *RUN[1:], "--data_root", data, "--results_dir", new]
+    assert train_in_process([*argv, "--checkpoint_path", reference / LAST, "--total_epochs", "3"]) == 0
+    assert load(new / FINAL)["epoch"] == 3
+
+
 def test_resuming_on_data_that_holds_out_other_images_is_refused(data, reference, tmp_path, capsys):
     """One image more in the folder moves the validation carve-out: the run's held-out loss and best
     checkpoint would change meaning mid-run. One error line, and the run's files untouched."""
