@@ -692,3 +692,27 @@ def test_loaded_optimizer_moments_take_their_parameters_memory_layout():
     for name in ("exp_avg", "exp_avg_sq"):
         assert state[name].stride() == model.weight.stride()
         assert torch.equal(state[name], saved_opt.state[saved_model.weight][name])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_evaluation_samples_are_the_same_images_on_any_number_of_gpus(monkeypatch, rank):
+    """Rank r of 2 draws the r-th block of the labels, from the seeds a single process gives those
+    images, and the gathered set is in the single process's order."""
+    import types
+
+    from training import denoiser, distributed
+    drawn, scored = [], []
+    stage = object.__new__(denoiser.DenoiserStage)
+    stage.cfg, stage.num_classes, stage.device = Config(eval_samples=8), 3, torch.device("cpu")
+    stage.pipeline = lambda: types.SimpleNamespace(sample_batched=lambda labels, seed: drawn.append(
+        (labels.tolist(), seed)) or torch.zeros(len(labels), 3, 4, 4))
+    stage.offline = lambda images, labels: scored.append(labels.tolist()) or {
+        "sample_accuracy": 1.0, "classifier_fd": 0.0, "classifier_fd_heldout": 0.0, "classifier_kid": 0.0,
+        "memorization": {"near_copy_fraction": 0.0}}
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "gather_tensor", lambda t: torch.cat([t, t]))
+    stage.sample_metrics()
+    labels = [0, 1, 2, 0, 1, 2, 0, 1]  # balanced_labels(8, 3), as one process draws them from seed + i
+    assert drawn == [(labels[4 * rank:4 * rank + 4], denoiser.HELDOUT_SEED + 4 * rank)]
+    assert scored == [labels]
