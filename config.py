@@ -253,6 +253,10 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# A switch defaults to None like every other flag, so refuse_unused_flags reads None as "not given".
+SWITCH = dict(action="store_true", default=None)
+
+
 def add_common_args(parser, without=()):
     """Flags the entry points share, with the same names everywhere; `without` names those an
     entry point never reads, so that its --help does not offer them."""
@@ -280,7 +284,7 @@ def add_common_args(parser, without=()):
     g.add_argument("--val_fraction", type=float, help="held-out share of train when a dataset has no "
                                                       "validation split (default 0.1)")
     if "download" not in without:
-        g.add_argument("--download", action="store_true", default=None, help="let torchvision download the dataset")
+        g.add_argument("--download", **SWITCH, help="let torchvision download the dataset")
     g.add_argument("--amp", choices=AMP_MODES,
                    help="mixed precision of training and sampling (auto: bf16 where the hardware has it natively, "
                         "GPUs of compute capability 8.0+ and CPUs with AVX512-BF16 or AMX; fp16 with loss "

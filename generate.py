@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-from config import (SAMPLING_FLAGS, ArgumentParser, add_common_args, add_sampling_args, build_config, positive_int,
-                    refuse_unused_flags)
+from config import (SAMPLING_FLAGS, SWITCH, ArgumentParser, add_common_args, add_sampling_args, build_config,
+                    positive_int, refuse_unused_flags)
 from data import safe_name
 from errors import UserError, run_main
 
@@ -28,14 +28,13 @@ def parse_args(argv=None):
                    help="images per class (default 10); with --evaluate the total, balanced over classes "
                         "(default 2000); with --classify the held-out images to classify (default 200)")
     action = p.add_mutually_exclusive_group()
-    switch = dict(action="store_true", default=None)  # None when not given, as every flag (refuse_unused_flags)
-    action.add_argument("--create_animation", **switch, help="GIF of one reverse-diffusion run")
-    action.add_argument("--evaluate", **switch, help="compute every metric and write eval.json")
-    action.add_argument("--classify", **switch, help="classify held-out real images with the denoiser")
+    action.add_argument("--create_animation", **SWITCH, help="GIF of one reverse-diffusion run")
+    action.add_argument("--evaluate", **SWITCH, help="compute every metric and write eval.json")
+    action.add_argument("--classify", **SWITCH, help="classify held-out real images with the denoiser")
     p.add_argument("--output_dir", help="where the results go (default <results_dir>/generated for images, "
                                         "<results_dir> for the rest)")
     p.add_argument("--inception_weights", help="path to pt_inception-2015-12-05-6726825d.pth for FID/KID")
-    p.add_argument("--no_fid", **switch, help="--evaluate without the Inception metrics")
+    p.add_argument("--no_fid", **SWITCH, help="--evaluate without the Inception metrics")
     p.add_argument("--classifier_path", help="real-data classifier (default results/<dataset>_classifier/...)")
     p.add_argument("--classify_images", type=int,
                    help="--evaluate: held-out images for the diffusion classifier (default 100 with up to "

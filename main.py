@@ -2,8 +2,8 @@
 import argparse
 import sys
 
-from config import (ArgumentParser, add_common_args, add_sampling_args, build_config, model_of, positive_int,
-                    refuse_unused_flags)
+from config import (SWITCH, ArgumentParser, add_common_args, add_sampling_args, build_config, model_of,
+                    positive_int, refuse_unused_flags)
 from diffusion.objective import LOSS_TERMS, LOSS_WEIGHTINGS, PREDICTIONS, TIMESTEP_SAMPLINGS
 from diffusion.schedule import SCHEDULES
 from errors import UserError, run_main
@@ -15,12 +15,10 @@ from training.optim import LR_SCHEDULES
 def parse_args(argv=None):
     p = ArgumentParser(prog="main.py", description=__doc__)
     stage = p.add_mutually_exclusive_group(required=True)
-    # Switches default to None, as every flag does: refuse_unused_flags takes None for "not given".
-    switch = dict(action="store_true", default=None)
-    stage.add_argument("--train_vae", **switch, help="train the VAE-GAN (latent models)")
-    stage.add_argument("--train_diffusion", **switch, help="train the conditional denoiser")
-    stage.add_argument("--train_all", **switch, help="VAE-GAN then denoiser (pixel models: denoiser)")
-    stage.add_argument("--train_classifier", **switch,
+    stage.add_argument("--train_vae", **SWITCH, help="train the VAE-GAN (latent models)")
+    stage.add_argument("--train_diffusion", **SWITCH, help="train the conditional denoiser")
+    stage.add_argument("--train_all", **SWITCH, help="VAE-GAN then denoiser (pixel models: denoiser)")
+    stage.add_argument("--train_classifier", **SWITCH,
                        help="train the real-data classifier used by the offline metrics")
     p.add_argument("--epochs", type=positive_int, help="epochs of the stage being trained")
     p.add_argument("--vae_epochs", type=int, help="VAE-GAN epochs (with --train_all)")
@@ -35,7 +33,7 @@ def parse_args(argv=None):
                    help="train on images and their mirror images (default; --no-hflip where left and right "
                         "differ)")
     p.add_argument("--lr", type=float, help="learning rate of the stage(s) being trained")
-    p.add_argument("--resume", **switch, help="continue the run in --results_dir from its last checkpoint")
+    p.add_argument("--resume", **SWITCH, help="continue the run in --results_dir from its last checkpoint")
     p.add_argument("--checkpoint_path", help="continue from this checkpoint (with --total_epochs)")
     p.add_argument("--total_epochs", type=positive_int, help="with --checkpoint_path: train until this many epochs")
     add_common_args(p)

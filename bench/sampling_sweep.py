@@ -108,8 +108,6 @@ def main(argv=None):
     scales = guidance_scales(args.guidance)
     asked_schedules = guidance_schedules(args.guidance_schedules) if args.guidance_schedules else None
     asked_intervals = guidance_intervals(args.guidance_intervals) if args.guidance_intervals else None
-    if args.num_samples < 2:
-        raise UserError(f"--num_samples must be at least 2 (a Frechet distance needs two), got {args.num_samples}")
     device = select_device(args.device)
     # --seed through the run's config, whose validation checks its range as generate.py's
     pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema,
