@@ -108,6 +108,8 @@ def main(argv=None):
     scales = guidance_scales(args.guidance)
     asked_schedules = guidance_schedules(args.guidance_schedules) if args.guidance_schedules else None
     asked_intervals = guidance_intervals(args.guidance_intervals) if args.guidance_intervals else None
+    if args.num_samples < 2:  # before the run is loaded; check_sample_count then asks one per class
+        raise UserError(f"--num_samples must be at least 2 (a Frechet distance needs two), got {args.num_samples}")
     device = select_device(args.device)
     # --seed through the run's config, whose validation checks its range as generate.py's
     pipe = load_pipeline(args.results_dir, device=device, use_ema=not args.no_ema,
