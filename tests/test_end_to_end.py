@@ -133,6 +133,22 @@ def test_animation_is_a_gif_of_the_reverse_process(latent_run):
     frames = imageio.mimread(os.path.join(latent_run, "diffusion_animation_cat.gif"))
     assert len(frames) > 5
     assert frames[0].std() > 0 and not (frames[0] == frames[-1]).all()
+    assert len({f.shape for f in frames}) == 1
+
+
+def test_animation_frames_are_captioned_with_their_timestep(latent_run, tmp_path):
+    from pipeline import load_pipeline
+    from viz import figures
+    pipe = load_pipeline(latent_run, device="cpu")
+    path = str(tmp_path / "anim.gif")
+    captions = figures.denoising_animation(pipe, 0, path, steps=4, sampler="ddim", num_frames=4)
+    steps = [int(c.removeprefix("t = ")) for c in captions if c.startswith("t = ")]
+    assert len(steps) == 4 and steps == sorted(steps, reverse=True) and steps[0] > steps[-1]
+    assert captions[4:] == ["final sample"]
+    frames = imageio.mimread(path)
+    assert len(frames) == len(captions)
+    band = frames[0].shape[0] // 6  # the caption above the images: its text differs between timesteps
+    assert not (frames[0][:band] == frames[1][:band]).all()
 
 
 @pytest.mark.parametrize("mode", ["latent_space", "samples_grid", "denoising_steps", "reconstructions",

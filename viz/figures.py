@@ -142,16 +142,35 @@ def denoising_steps_figure(pipe, label, path, seed=0, num_frames=10, **sample_kw
                   title=f"one reverse-diffusion run, class '{pipe.class_names[label]}'")
 
 
-def denoising_animation(pipe, label, path, seed=0, num_frames=40, fps=8, scale=4, **sample_kwargs):
-    """GIF of the reverse process of one real sampling run (noisy state beside its x0 estimate)."""
+def denoising_animation(pipe, label, path, seed=0, num_frames=40, fps=8, **sample_kwargs):
+    """GIF of the reverse process of one real sampling run: the noisy state beside its x0
+    estimate, each frame captioned with its timestep. Returns the captions, frame by frame."""
     import imageio.v2 as imageio
     frames, final, _ = trajectory(pipe, label, seed, num_frames, **sample_kwargs)
-    pictures = []
-    for _, x, x0 in frames + [(0, final, final)] * 4:  # hold the final image
-        pair = torch.stack([x, x0])
-        grid = _to_numpy_grid(pair, nrow=2)
-        pictures.append(np.kron(grid, np.ones((scale, scale, 1), dtype=np.uint8)))
-    imageio.mimsave(path, pictures, duration=1000 / fps, loop=0)
+    cfg = pipe.cfg
+    guidance = sample_kwargs.get("guidance_scale")
+    settings = (f"{sample_kwargs.get('sampler') or cfg.sampler} {sample_kwargs.get('steps') or cfg.steps} steps, "
+                f"guidance {cfg.guidance_scale if guidance is None else guidance:g}, seed {seed}")
+    shown = [(f"t = {t}", x, x0) for t, x, x0 in frames] + [("final sample", final, final)]
+    pictures = [_animation_frame(x, x0, f"'{pipe.class_names[label]}', {settings}\n{caption}")
+                for caption, x, x0 in shown]
+    imageio.mimsave(path, pictures, duration=[1000 / fps] * len(frames) + [4000 / fps], loop=0)  # hold the end
+    return [caption for caption, _, _ in shown]
+
+
+def _animation_frame(x, x0, caption):
+    """One GIF frame as an RGB array; a fixed figure size keeps every frame the same shape."""
+    fig, axes = plt.subplots(1, 2, figsize=(4.4, 2.7), dpi=100)
+    for ax, image, name in zip(axes, (x, x0), ("x_t", "x0 estimate")):
+        ax.imshow(_to_numpy_grid(image[None], nrow=1), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(caption, fontsize=8)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.78, wspace=0.05)
+    fig.canvas.draw()
+    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return picture
 
 
 def forward_process_figure(schedule, image_uint8, path, num_columns=10, seed=0, latent=False):
