@@ -7,10 +7,13 @@ the stage + DeviceBatcher + fit) for one epoch, then resumes it (--resume) to tw
 run checks across ranks that the weights (the VAE-GAN's centers and discriminator included), EMA
 and optimizer state are bit-identical (only rank 0 saves, so this cannot be checked
 from the files), and then that two epochs in one go end in the same state on every rank. It also checks that the ranks trained on different data shards, that validation
-metrics are averaged across ranks, and that resumed ranks draw their own random numbers. Each
+metrics are averaged across ranks, that resumed ranks draw their own random numbers, and that
+a run stopped by a signal inside an epoch logs, once resumed, the epoch's uninterrupted loss. Each
 rank writes MARKER_DIR/rank<r>.json when all its checks pass.
 """
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from unittest import mock
@@ -22,6 +25,8 @@ import torch  # noqa: E402
 import main  # noqa: E402
 from training import distributed as dist  # noqa: E402
 from training import runner  # noqa: E402
+from training.loop import StopRequested  # noqa: E402
+from training.run import Run  # noqa: E402
 
 
 def flat(tensors):
@@ -82,6 +87,39 @@ def straight_run_flags(flags):
     return flags[:i] + [str(flags[i]) + "_straight"] + flags[i + 1:]
 
 
+def check_stop_inside_an_epoch(flags, calls, logged, passed):
+    """SIGINT reaches rank 0 alone after the first step of epoch 1 (--log_every 1: the ranks agree
+    at once); --resume finishes the epoch. Every rank must go on from its own shard's loss sums:
+    the epoch's logged loss is then the uninterrupted run's."""
+    i = flags.index("--results_dir") + 1
+    stopped = flags[:i] + [str(flags[i]) + "_stopped"] + flags[i + 1:] + ["--epochs", "1", "--log_every", "1"]
+    original_fit = runner.fit
+
+    def fit_with_a_signal(stage, *args, **kwargs):
+        train_step = stage.train_step
+
+        def step_then_signal(*a, **k):
+            losses = train_step(*a, **k)
+            if dist.rank() == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+            return losses
+        stage.train_step = step_then_signal
+        return original_fit(stage, *args, **kwargs)
+
+    with mock.patch.object(runner, "fit", fit_with_a_signal):
+        try:
+            main.main(stopped)
+            raise AssertionError("the signal did not stop the run")
+        except StopRequested:
+            torch.distributed.barrier()  # rank 0 has written the checkpoint the resume reads
+    assert len(calls[-1][1]) > 1, "one batch per epoch: no stop inside an epoch"
+    main.main(stopped + ["--resume"])
+    assert calls[-1][2]["batch_in_epoch"] == 1, "the run did not resume inside its first epoch"
+    expected, got = logged[0]["loss"], logged[-1]["loss"]  # the first run's epoch 1, and this one's
+    assert abs(got - expected) <= 1e-5 * abs(expected), (got, expected)
+    passed.append("a stop inside an epoch logs its straight loss")
+
+
 def main_worker(marker_dir, flags):
     calls = []  # (stage, batcher, resume_state) of each fit call
     real_fit = runner.fit
@@ -90,8 +128,16 @@ def main_worker(marker_dir, flags):
         calls.append((stage, batcher, resume_state))
         return real_fit(stage, batcher, cfg, run, total_epochs, resume_state, **kwargs)
 
+    logged = []  # each epoch's row, on every rank (only rank 0 writes metrics.csv)
+    real_log = Run.log
+
+    def log_and_keep(run, stage, epoch, step, values):
+        if "skipped_step" not in values:
+            logged.append(dict(values))
+        return real_log(run, stage, epoch, step, values)
+
     passed = []
-    with mock.patch.object(runner, "fit", fit_and_keep):
+    with mock.patch.object(runner, "fit", fit_and_keep), mock.patch.object(Run, "log", log_and_keep):
         main.main(flags + ["--epochs", "1"])
         stage, batcher, _ = calls[-1]
         check_identical_state(stage, "after epoch 1", passed)
@@ -113,6 +159,7 @@ def main_worker(marker_dir, flags):
         passed.append("resumed run equals a straight run")
         if stage.kind != "vae_gan":  # the VAE-GAN validates the same held-out images on every rank
             check_validation_is_averaged(stage, passed)
+            check_stop_inside_an_epoch(flags, calls, logged, passed)
 
     Path(marker_dir, f"rank{dist.rank()}.json").write_text(
         json.dumps({"world_size": dist.world_size(), "passed": passed}))

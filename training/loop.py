@@ -125,6 +125,8 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
         since_best = resume_state.get("epochs_since_best", 0)
         seconds = resume_state.get("train_seconds", 0.0)
         partial = (dict(resume_state.get("epoch_sums", {})), resume_state.get("epoch_count", 0))
+        if "rank_epoch_sums" in resume_state:  # under torchrun each rank continues its own shard's sums
+            partial = tuple(resume_state["rank_epoch_sums"][dist.rank()])
         if dist.is_main():  # epochs counted from 1, as the progress and the stop messages do
             where = (f"in epoch {epoch + 1} after batch {skip_batches} of {len(batcher)}" if skip_batches
                      else f"after epoch {epoch}")
@@ -136,9 +138,11 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
     bad_in_a_row = 0
 
     def checkpoint(name, batch_in_epoch=0, done_epochs=None, sums=None, count=0, every_rank=False):
-        """every_rank: all ranks call this together, so the other ranks' RNG states can be kept
-        too, and a resume under torchrun continues every rank's stream."""
-        rank_rngs = dist.gather_objects(rng_state()) if every_rank and dist.enabled() else None
+        """every_rank: all ranks call this together, so the other ranks' RNG states (and, inside an
+        epoch, their loss sums so far) can be kept too, and a resume under torchrun continues every
+        rank's stream and its shard's epoch mean."""
+        sums = {k: float(v) for k, v in (sums or {}).items()}
+        ranks = dist.gather_objects((rng_state(), (sums, count))) if every_rank and dist.enabled() else None
         if not dist.is_main():
             return
         state = {"kind": stage.kind, "config": cfg.to_dict(), "epoch": epoch if done_epochs is None else done_epochs,
@@ -147,10 +151,12 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
                  # at an epoch's end, the epochs' time alone: not this checkpoint's or _best.pt's writing
                  "train_seconds": seconds + time.time() - t0 if batch_in_epoch else seconds,
                  "rng": rng_state(), "stage": stage.state_dict()}
-        if rank_rngs is not None:
-            state["rank_rngs"] = rank_rngs
+        if ranks is not None:
+            state["rank_rngs"] = [rng for rng, _ in ranks]
         if batch_in_epoch:  # mid-epoch: the epoch's loss so far, so its logged mean covers every batch
-            state.update(epoch_sums={k: float(v) for k, v in (sums or {}).items()}, epoch_count=count)
+            state.update(epoch_sums=sums, epoch_count=count)
+            if ranks is not None:
+                state["rank_epoch_sums"] = [partial_sums for _, partial_sums in ranks]
         save_checkpoint(state, run.path(name))
 
     def last_good():
