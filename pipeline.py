@@ -2,6 +2,7 @@
 Samples images for labels with any sampler and guidance; generate.py, visualize.py, the
 evaluation code and the training pictures all go through it."""
 import json
+import math
 import os
 
 import torch
@@ -125,6 +126,20 @@ class Pipeline:
         if self.checkpoint_path is not None and not bool(torch.isfinite(out).all()):
             self._refuse_non_finite(sampler, steps, guidance_scale)
         return out
+
+    def sampling_settings(self, sampler=None, steps=None, guidance_scale=None, guidance_schedule=None,
+                          guidance_interval=None, **_):
+        """What sample() with these arguments runs, in words for a picture's title, e.g.
+        "dpmpp 20 steps, guidance 11 ramped linearly"."""
+        cfg = self.cfg
+        scale = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        schedule, interval = guidance_schedule or cfg.guidance_schedule, guidance_interval or cfg.guidance_interval
+        guidance = "no guidance" if scale == 1 else f"guidance {scale:g}"
+        if scale > 1 and schedule != "constant":  # schedules shape guidance above 1 only
+            guidance += {"linear": " ramped linearly", "adaptive": " on the adaptive schedule"}[schedule]
+        if scale != 1 and interval is not None and interval[1] < math.inf:
+            guidance += f" for sigma/alpha in ({interval[0]:g}, {interval[1]:g}]"
+        return f"{sampler or cfg.sampler} {steps or cfg.steps} steps, {guidance}"
 
     def refuse_non_finite_weights(self):
         """A checkpoint with NaN/inf weights samples black images and meaningless metrics: refuse

@@ -246,8 +246,8 @@ def evaluate_run(pipe, run_dir, args, seed, out_dir=None):
               "sampling_seconds": sampling_seconds, "class_names": pipe.class_names}
     result.update(offline(images, labels))
     from evaluation.memorization import save_closest_pairs
-    save_closest_pairs(os.path.join(out_dir, "memorization_closest_pairs.png"), images, offline.train_image,
-                       result["memorization"])
+    pairs = os.path.join(out_dir, "memorization_closest_pairs.png")
+    save_closest_pairs(pairs, images, offline.train_image, result["memorization"])
     if inception is None:
         result["fid_note"] = fid_note
     else:
@@ -259,8 +259,8 @@ def evaluate_run(pipe, run_dir, args, seed, out_dir=None):
     result["total_seconds"] = time.time() - start
     path = os.path.join(out_dir, "eval.json")
     write_json(result, path)
-    print_table(result)
-    print(path)
+    print_table(result, pipe.sampling_settings())
+    print(f"{path}\n{pairs}")
     return result
 
 
@@ -295,8 +295,8 @@ def classify_run(pipe, out_dir, args, seed):
     return result
 
 
-def print_table(result):
-    rows = [("samples", result["num_samples"]),
+def print_table(result, settings):
+    rows = [("samples", f"{result['num_samples']} ({settings}, seeds from {result['seed']})"),
             ("sample accuracy (classifier)", f"{result['sample_accuracy']:.4f} "
                                              f"(balanced {result['sample_balanced_accuracy']:.4f})"),
             (f"real held-out accuracy ({result['real_heldout_split']})",

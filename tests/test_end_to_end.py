@@ -240,7 +240,7 @@ def real_classifier(tmp_path_factory, cifar10_root):
     return os.path.join(classifier_dir, "classifier_best.pt")
 
 
-def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifier, tmp_path, monkeypatch):
+def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifier, tmp_path, monkeypatch, capsys):
     import pytorch_fid.inception
     from evaluation.inception import _fid_weights_source
     # The real-weights path, with random Inception weights saved in the standard file format.
@@ -273,6 +273,11 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifie
     assert result["accuracy_ratio"] == pytest.approx(result["sample_balanced_accuracy"] /
                                                      result["real_heldout_balanced_accuracy"])
     assert os.path.isfile(os.path.join(latent_run, "memorization_closest_pairs.png"))
+    printed = capsys.readouterr().out.splitlines()  # the table names the sampling; both files are named
+    assert any(line.startswith("samples") and line.endswith("16 (dpmpp 5 steps, guidance 11 ramped linearly, "
+                                                             "seeds from 0)") for line in printed), printed
+    assert printed[-2:] == [os.path.join(latent_run, "eval.json"),
+                            os.path.join(latent_run, "memorization_closest_pairs.png")]
     assert generate.main(["--classify", "--results_dir", latent_run, "--num_samples", "4", "--device", "cpu"]) == 0
     assert 1 <= json.load(open(os.path.join(latent_run, "classify.json")))["images"] <= 4  # the fixture holds few
 

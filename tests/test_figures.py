@@ -28,10 +28,13 @@ def column_names(ax):
 
 class FakePipe:
     """What the figures read of a pipeline; sample() reports three x0 estimates to its callback."""
-    class_names, num_classes, cfg = ["cat", "dog"], 2, SimpleNamespace(timesteps=10)
+    class_names, num_classes, cfg, vae = ["cat", "dog"], 2, SimpleNamespace(timesteps=10), None
 
     def __init__(self):
         self.seeds = []
+
+    def sampling_settings(self, **kwargs):
+        return "ddim 4 steps, guidance 3 ramped linearly"
 
     def sample(self, labels, seed=0, callback=None, decode=True, **kwargs):
         self.seeds.append(seed)
@@ -95,6 +98,62 @@ def test_steps_comparison_names_its_seed_columns(drawn, tmp_path):
     (fig, title), = drawn
     assert column_names(fig.axes[0]) == ["seed 7", "seed 8", "seed 9"]  # image i starts from seed + i
     assert set(pipe.seeds) == {7} and "column per seed" in title and "'dog'" in title
+    assert "guidance 3 ramped linearly" in title
+
+
+def test_steps_comparison_names_the_step_counts_it_ran(drawn, tmp_path):
+    """A run with 10 timesteps samples at most 10 steps: its rows say 10, not the 40 asked for."""
+    figures.steps_comparison_figure(FakePipe(), 1, tmp_path / "s.png", step_counts=(5, 20, 40), samplers=("ddim",))
+    (fig, _), = drawn
+    assert [ax.get_ylabel() for ax in fig.axes] == ["ddim 5", "ddim 10"]
+
+
+def test_sample_grid_rows_share_their_seeds_and_say_how_they_were_sampled(drawn, tmp_path):
+    """A class's row starts from seeds seed .. seed + n - 1 whatever the other rows: the same
+    images as generate.py draws for that class alone."""
+    pipe = FakePipe()
+    shown = figures.class_sample_grid(pipe, tmp_path / "g.png", per_class=3, seed=4, classes=[0, 1], title="epoch 2")
+    alone = figures.class_sample_grid(pipe, tmp_path / "g.png", per_class=3, seed=4, classes=[1])
+    assert pipe.seeds == [4, 4, 4] and torch.equal(shown[3:], alone)
+    (_, title), _ = drawn
+    assert title == "epoch 2: ddim 4 steps, guidance 3 ramped linearly, seeds 4 to 6 in every row"
+
+
+def test_sampling_settings_in_words():
+    from config import Config
+    from pipeline import Pipeline
+    run = SimpleNamespace(cfg=Config(sampler="dpmpp", steps=20, guidance_scale=11.0, guidance_schedule="linear"))
+    say = lambda **kwargs: Pipeline.sampling_settings(run, **kwargs)  # noqa: E731
+    assert say() == "dpmpp 20 steps, guidance 11 ramped linearly"
+    assert say(sampler="ddpm", steps=1000, guidance_scale=1.0) == "ddpm 1000 steps, no guidance"
+    assert say(guidance_schedule="constant", guidance_scale=3.5) == "dpmpp 20 steps, guidance 3.5"
+    assert say(guidance_schedule="adaptive") == "dpmpp 20 steps, guidance 11 on the adaptive schedule"
+    assert say(guidance_interval=(0.3, 5.0)) == "dpmpp 20 steps, guidance 11 ramped linearly for sigma/alpha in (0.3, 5]"
+    assert say(guidance_interval=(0.0, float("inf"))) == "dpmpp 20 steps, guidance 11 ramped linearly"
+    assert say(guidance_scale=0.0) == "dpmpp 20 steps, guidance 0"  # unconditional: schedules shape w > 1 only
+
+
+@pytest.mark.parametrize("vae", [None, object()])
+def test_denoising_steps_say_the_sampler_and_what_the_noisy_row_shows(drawn, tmp_path, monkeypatch, vae):
+    pipe = FakePipe()
+    pipe.vae, pipe.decode = vae, lambda x: x[:, :3]
+    figures.denoising_steps_figure(pipe, 0, tmp_path / "d.png", seed=5, num_frames=3)
+    (fig, title), = drawn
+    assert title.endswith("class 'cat', ddim 4 steps, guidance 3 ramped linearly, seed 5")
+    assert fig.axes[0].get_ylabel() == ("x_t" if vae is None else "x_t, decoded\nby the VAE")
+
+
+def test_loss_curves_count_whole_epochs(drawn, tmp_path):
+    from training.run import Run
+    run = Run(str(tmp_path))
+    run.create()
+    for epoch in (1, 2):
+        run.log("conditional_diffusion", epoch, 10 * epoch, {"loss": 1.0 / epoch})
+    assert figures.plot_losses(run, "conditional_diffusion", str(tmp_path / "l.png"))
+    (fig, _), = drawn
+    fig.canvas.draw()
+    ticks = [float(t.get_text().replace("\u2212", "-")) for t in fig.axes[0].get_xticklabels() if t.get_text()]
+    assert ticks and all(t == int(t) for t in ticks)
 
 
 def test_denoising_path_labels_its_pca_axes(drawn, tmp_path):
@@ -104,6 +163,25 @@ def test_denoising_path_labels_its_pca_axes(drawn, tmp_path):
     ax, = fig.axes
     assert ax.get_xlabel().startswith("PC 1 of the real latents")
     assert ax.get_ylabel().startswith("PC 2 of the real latents")
+    assert ax.get_title().endswith("ddim 4 steps, guidance 3 ramped linearly, seeds 0 to 2")
+
+
+def test_latent_figures_colour_classes_alike_and_apart(drawn, tmp_path):
+    """Flowers102-like class indices 1 and 21 (the same tab20 colour by index) get two colours, the
+    same in the latent-space figure and in the denoising paths."""
+    pipe = FakePipe()
+    pipe.class_names, pipe.num_classes = [f"c{i}" for i in range(30)], 30
+    real = torch.randn((20, 4, 2, 2), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 21] * 10)
+    figures.latent_space_figure(real, labels, pipe.class_names, None, tmp_path / "l.png")
+    figures.denoising_path_figure(pipe, 21, real, labels, tmp_path / "p.png", num_samples=2)
+    (space, _), (paths, _) = drawn
+
+    def legend_colors(ax):
+        return {t.get_text().removeprefix("real "): tuple(h.get_facecolor()[0][:3])
+                for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    in_space, in_paths = legend_colors(space.axes[0]), legend_colors(paths.axes[0])
+    assert in_space == in_paths and in_space["c1"] != in_space["c21"]
 
 
 def test_coinciding_class_centers_stay_visible_and_named(drawn, tmp_path):

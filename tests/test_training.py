@@ -162,7 +162,10 @@ def test_budget_after_a_mid_epoch_resume_counts_the_whole_next_epoch(tmp_path, t
 def test_a_first_epoch_longer_than_the_budget_says_so(tmp_path, timed_stage, capsys):
     fit(timed_stage([1.0] * 5), FourBatches(), Config(patience=0, picture_every=100), Run(str(tmp_path)),
         total_epochs=5, max_minutes=0.5)  # the first epoch always runs: 40 s of a 30 s budget
-    assert "stopping after epoch 1: it took 0.7 min, more than the 0.5-minute budget" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "stopping after epoch 1: it took 0.7 min, more than the 0.5-minute budget" in out
+    assert (f"[conditional_diffusion] saved {tmp_path / 'stub_last.pt'} (to train on with --resume) and stub_best.pt "
+            f"(the best val_loss)") in out
 
 
 def test_a_resume_with_every_epoch_done_says_there_is_nothing_to_train(tmp_path, capsys):

@@ -146,6 +146,7 @@ def write_report(stage, run, class_names, val, test, device):
                       test_class_counts=test_report["class_counts"], test_images=len(test.images))
         rows.append(("test", test_report, len(test.images)))
     write_json(report, run.path("classifier_report.json"))
+    print(run.path("classifier_report.json"))
     for split, r, count in rows:
         print(f"{split} accuracy {r['accuracy']:.4f} on {count} images")
         for name, acc in zip(class_names, r["per_class"]):

@@ -142,7 +142,7 @@ class DenoiserStage:
     def pictures(self, epoch):
         from viz.figures import class_sample_grid, plot_losses
         class_sample_grid(self.pipeline(), self.run.picture(f"samples_epoch{epoch:04d}.png"), per_class=8,
-                          seed=self.cfg.seed)
+                          seed=self.cfg.seed, title=f"epoch {epoch}")
         plot_losses(self.run, self.kind, self.run.path("diffusion_loss.png"))
 
     def state_dict(self):

@@ -275,4 +275,7 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
         checkpoint(stage.last_name)  # continued into a new folder with nothing left to train
     if best is None and dist.is_main() and not os.path.isfile(run.path(stage.best_name)):
         checkpoint(stage.best_name)  # no held-out metric yet: the last state is the best we know
+    if dist.is_main():
+        tqdm.write(f"[{stage.kind}] saved {run.path(stage.last_name)} (to train on with --resume) and "
+                   f"{stage.best_name} (the best {metric_name})")
     return best

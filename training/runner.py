@@ -233,5 +233,6 @@ def train_diffusion(cfg, resume=False, checkpoint_path=None, total_epochs=None):
     fit(stage, batcher, cfg, run, total_epochs or cfg.diffusion_epochs, state, max_minutes=cfg.diffusion_minutes)
     if dist.is_main():  # the finished run's sampling checkpoint (full state, EMA inside)
         copy_checkpoint(run.path(stage.last_name), run.path(stage.final_name))
+        print(f"[{stage.kind}] for sampling: {run.path(stage.final_name)}")
     dist.barrier()
     return run

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
@@ -74,6 +75,7 @@ def plot_losses(run, stage, path):
         ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None, ms=3)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if all(v > 0 for v in values) and max(values) / max(min(values), 1e-12) > 30:
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(names):]:
@@ -93,14 +95,17 @@ def pick_classes(class_names, names=None, limit=10):
     return [int(round(i)) for i in np.linspace(0, len(class_names) - 1, limit)]
 
 
-def class_sample_grid(pipe, path, per_class=8, seed=0, classes=None, **sample_kwargs):
-    """One row of samples per class, labelled."""
+def class_sample_grid(pipe, path, per_class=8, seed=0, classes=None, title=None, **sample_kwargs):
+    """One row of samples per class, labelled. Every row starts from the same noise, seeds seed
+    to seed + per_class - 1 (as generate.py draws a class): a class's images do not depend on
+    which other classes are shown, and a column shows what the label alone changes."""
     classes = classes if classes is not None else pick_classes(pipe.class_names)
-    labels = torch.tensor([c for c in classes for _ in range(per_class)])
-    images = pipe.sample(labels, seed=seed, **sample_kwargs).cpu()
-    rows = list(images.split(per_class))
-    labelled_rows(rows, [pipe.class_names[c] for c in classes], path)
-    return images
+    rows = [pipe.sample([c] * per_class, seed=seed, **sample_kwargs).cpu() for c in classes]
+    seeds = f"seed {seed}" if per_class == 1 else f"seeds {seed} to {seed + per_class - 1}"
+    labelled_rows(rows, [pipe.class_names[c] for c in classes], path,
+                  title=(f"{title}: " if title else "") + f"{pipe.sampling_settings(**sample_kwargs)}, "
+                                                             f"{seeds} in every row")
+    return torch.cat(rows)
 
 
 @torch.no_grad()
@@ -134,12 +139,18 @@ def trajectory(pipe, label, seed, num_frames, **sample_kwargs):
     return frames, final[0].cpu(), states
 
 
+def _state_name(pipe):
+    """A latent model's noisy state decoded by its VAE does not look like noise: say what it is."""
+    return "x_t" if pipe.vae is None else "x_t, decoded\nby the VAE"
+
+
 def denoising_steps_figure(pipe, label, path, seed=0, num_frames=10, **sample_kwargs):
     """One sampling chain at several steps: the noisy state (top) and its clean estimate (bottom)."""
     frames, _, _ = trajectory(pipe, label, seed, num_frames, **sample_kwargs)
     rows = [torch.stack([f[1] for f in frames]), torch.stack([f[2] for f in frames])]
-    labelled_rows(rows, ["x_t", "x0 estimate"], path, col_names=[f"t={f[0]}" for f in frames],
-                  title=f"one reverse-diffusion run, class '{pipe.class_names[label]}'")
+    labelled_rows(rows, [_state_name(pipe), "x0 estimate"], path, col_names=[f"t={f[0]}" for f in frames],
+                  title=f"one reverse-diffusion run, class '{pipe.class_names[label]}', "
+                        f"{pipe.sampling_settings(**sample_kwargs)}, seed {seed}")
 
 
 def denoising_animation(pipe, label, path, seed=0, num_frames=40, fps=8, **sample_kwargs):
@@ -147,26 +158,25 @@ def denoising_animation(pipe, label, path, seed=0, num_frames=40, fps=8, **sampl
     estimate, each frame captioned with its timestep. Returns the captions, frame by frame."""
     import imageio.v2 as imageio
     frames, final, _ = trajectory(pipe, label, seed, num_frames, **sample_kwargs)
-    cfg = pipe.cfg
-    guidance = sample_kwargs.get("guidance_scale")
-    settings = (f"{sample_kwargs.get('sampler') or cfg.sampler} {sample_kwargs.get('steps') or cfg.steps} steps, "
-                f"guidance {cfg.guidance_scale if guidance is None else guidance:g}, seed {seed}")
-    shown = [(f"t = {t}", x, x0) for t, x, x0 in frames] + [("final sample", final, final)]
-    pictures = [_animation_frame(x, x0, f"'{pipe.class_names[label]}', {settings}\n{caption}")
-                for caption, x, x0 in shown]
+    settings = f"'{pipe.class_names[label]}', seed {seed}\n{pipe.sampling_settings(**sample_kwargs)}"
+    state = _state_name(pipe).replace("\n", " ")
+    shown = [(f"t = {t}", x, x0) for t, x, x0 in frames] + [("final sample", final, None)]
+    pictures = [_animation_frame(x, x0, f"{settings}\n{caption}", state) for caption, x, x0 in shown]
     imageio.mimsave(path, pictures, duration=[1000 / fps] * len(frames) + [4000 / fps], loop=0)  # hold the end
     return [caption for caption, _, _ in shown]
 
 
-def _animation_frame(x, x0, caption):
-    """One GIF frame as an RGB array; a fixed figure size keeps every frame the same shape."""
-    fig, axes = plt.subplots(1, 2, figsize=(4.4, 2.7), dpi=100)
-    for ax, image, name in zip(axes, (x, x0), ("x_t", "x0 estimate")):
+def _animation_frame(x, x0, caption, state_name):
+    """One GIF frame as an RGB array: x beside its x0 estimate, or x alone in the middle when x0
+    is None (the final sample). A fixed figure size keeps every frame the same shape."""
+    fig = plt.figure(figsize=(4.4, 2.9), dpi=100)
+    boxes = [[0.02, 0.02, 0.47, 0.7], [0.51, 0.02, 0.47, 0.7]] if x0 is not None else [[0.265, 0.02, 0.47, 0.7]]
+    for box, image, name in zip(boxes, (x, x0), (state_name, "x0 estimate")):
+        ax = fig.add_axes(box)
         ax.imshow(_to_numpy_grid(image[None], nrow=1), interpolation="nearest")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name if x0 is not None else "", fontsize=9)
         ax.axis("off")
     fig.suptitle(caption, fontsize=8)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.78, wspace=0.05)
     fig.canvas.draw()
     picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
@@ -193,14 +203,15 @@ def steps_comparison_figure(pipe, label, path, seed=0, step_counts=(5, 10, 20, 4
     """The same seeds and class at several step counts, one row per sampler and step count, a
     column per seed (image i starts from seed + i)."""
     rows, names = [], []
+    step_counts = sorted({min(steps, pipe.cfg.timesteps) for steps in step_counts})  # as many as the run has
     for sampler in samplers:
         for steps in step_counts:
-            rows.append(pipe.sample([label] * per_row, sampler=sampler, steps=min(steps, pipe.cfg.timesteps),
-                                    seed=seed, **sample_kwargs).cpu())
+            rows.append(pipe.sample([label] * per_row, sampler=sampler, steps=steps, seed=seed, **sample_kwargs).cpu())
             names.append(f"{sampler} {steps}")
+    guidance = pipe.sampling_settings(**sample_kwargs).split(", ", 1)[1]
     labelled_rows(rows, names, path, col_names=[f"seed {seed + i}" for i in range(per_row)],
-                  title=f"'{pipe.class_names[label]}': a column per seed (the same seeds in every row),\n"
-                        f"a row per sampler and step count")
+                  title=f"'{pipe.class_names[label]}', {guidance}: a column per seed (the same seeds in every "
+                        f"row),\na row per sampler and step count")
 
 
 def latent_space_figure(latents, labels, class_names, centers, path, seed=0):
@@ -210,7 +221,7 @@ def latent_space_figure(latents, labels, class_names, centers, path, seed=0):
     feats = latents.flatten(1).numpy()
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
     classes = sorted(set(labels.tolist()))
-    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    colors = class_colors(classes)
     pca = PCA(n_components=2, random_state=seed).fit(feats)
     both = np.concatenate([feats, centers]) if centers is not None else feats
     perplexity = max(1.0, min(30.0, (len(both) - 1) / 3))  # below the point count, as t-SNE needs
@@ -219,14 +230,20 @@ def latent_space_figure(latents, labels, class_names, centers, path, seed=0):
         points = xy[:len(feats)]
         for j, c in enumerate(classes):
             mask = labels.numpy() == c
-            ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.6, color=cmap(j % cmap.N),
-                       label=class_names[c])
+            ax.scatter(points[mask, 0], points[mask, 1], s=6, alpha=0.6, color=colors[c], label=class_names[c])
         if centers is not None:
             _mark_centers(ax, xy[len(feats):][classes], [class_names[c] for c in classes],
-                          [cmap(j % cmap.N) for j in range(len(classes))], tol=0.03 * np.ptp(xy, axis=0).max())
+                          [colors[c] for c in classes], tol=0.03 * np.ptp(xy, axis=0).max())
         ax.set_title(f"{title} of held-out latents (X: class centers)", fontsize=10)
     axes[0].legend(fontsize=8, markerscale=2, loc="best")
     _save(fig, path)
+
+
+def class_colors(classes):
+    """A colour per shown class, by its place among them (distinct for up to 20 classes), so the
+    latent-space and denoising-path figures of the same classes colour them alike."""
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    return {c: cmap(j % cmap.N) for j, c in enumerate(sorted(classes))}
 
 
 def _mark_centers(ax, xy, names, colors, tol):
@@ -249,22 +266,23 @@ def denoising_path_figure(pipe, label, real_latents, real_labels, path, num_samp
     pca = PCA(n_components=2, random_state=seed).fit(real_latents.flatten(1).numpy())
     fig, ax = plt.subplots(figsize=(7, 6))
     real_xy = pca.transform(real_latents.flatten(1).numpy())
-    cmap = plt.get_cmap("tab10" if pipe.num_classes <= 10 else "tab20")
+    colors = class_colors(set(real_labels.tolist()) | {label})
     for c in sorted(set(real_labels.tolist())):
         mask = real_labels.numpy() == c
-        ax.scatter(real_xy[mask, 0], real_xy[mask, 1], s=5, alpha=0.25, color=cmap(c % cmap.N),
+        ax.scatter(real_xy[mask, 0], real_xy[mask, 1], s=5, alpha=0.25, color=colors[c],
                    label=f"real {pipe.class_names[c]}")
     path_xy = np.stack([pca.transform(s.flatten(1).numpy()) for s in states])  # [steps, samples, 2]
     for k in range(num_samples):
         ax.plot(path_xy[:, k, 0], path_xy[:, k, 1], "-", color="black", lw=1, alpha=0.7)
         ax.scatter(path_xy[0, k, 0], path_xy[0, k, 1], marker="o", color="white", edgecolor="black", s=30, zorder=3)
-        ax.scatter(path_xy[-1, k, 0], path_xy[-1, k, 1], marker="*", color=cmap(label % cmap.N),
+        ax.scatter(path_xy[-1, k, 0], path_xy[-1, k, 1], marker="*", color=colors[label],
                    edgecolor="black", s=140, zorder=3)
     share = pca.explained_variance_ratio_
     ax.set_xlabel(f"PC 1 of the real latents ({share[0]:.0%} of their variance)", fontsize=8)
     ax.set_ylabel(f"PC 2 of the real latents ({share[1]:.0%} of their variance)", fontsize=8)
-    ax.set_title(f"denoising paths of {num_samples} '{pipe.class_names[label]}' samples "
-                 f"(x0 estimate per step; o start, * end), PCA of real latents", fontsize=9)
+    ax.set_title(f"denoising paths of {num_samples} '{pipe.class_names[label]}' samples (x0 estimate per step; "
+                 f"o start, * end), PCA of real latents\n{pipe.sampling_settings(**sample_kwargs)}, seeds {seed} to "
+                 f"{seed + num_samples - 1}", fontsize=9)
     ax.legend(fontsize=7, markerscale=2)
     _save(fig, path)
 
