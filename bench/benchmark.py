@@ -40,7 +40,8 @@ from training.optim import amp_dtype, compile_wanted  # noqa: E402
 NUM_CLASSES = 2  # the default dataset, cifar10_catdog
 SAMPLERS = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("dpmpp", 10), ("dpmpp", 20), ("dpmpp", 50), ("ddpm", 1000)]
 # Dense (no sparsity) bf16 tensor-core peaks, matched against torch.cuda.get_device_name in order.
-GPU_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0)]
+GPU_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H200 NVL", 835.5), ("H100", 989.4), ("H200", 989.4),
+                   ("A100", 312.0)]
 REFERENCE = "diffusers_unet2d"
 
 

@@ -37,13 +37,18 @@ def test_benchmark_writes_every_figure_for_each_model(tmp_path):
     assert "ddpm100 is extrapolated from 10 measured steps" in " ".join(report["notes"])
 
 
-def test_flop_count_includes_softmax_attention_on_the_cpu():
-    """The CPU's fused attention kernel counts as 0 FLOPs unless counted through the math kernel."""
+def load_benchmark():
     import importlib.util
-    import torch
     spec = importlib.util.spec_from_file_location("benchmark", "bench/benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_flop_count_includes_softmax_attention_on_the_cpu():
+    """The CPU's fused attention kernel counts as 0 FLOPs unless counted through the math kernel."""
+    import torch
+    benchmark = load_benchmark()
 
     class Attention(torch.nn.Module):  # q, k, v contiguous: the CPU takes its fused kernel
         def forward(self, x, t, y):
@@ -172,3 +177,14 @@ def test_sampler_accuracy_refuses_an_unwritable_out_before_measuring(args, conta
     from bench import sampler_accuracy
     monkeypatch.setattr(sampler_accuracy, "measure", not_reached)
     assert_refused(capsys, exit_status(sampler_accuracy.main, out_paths(args, tmp_path)), contains)
+
+
+@pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+                                          ("NVIDIA H100 NVL", 835.5), ("NVIDIA H200", 989.4),
+                                          ("NVIDIA H200 NVL", 835.5), ("NVIDIA A100-SXM4-80GB", 312.0)])
+def test_gpu_peaks_are_the_datasheets_for_the_part(monkeypatch, name, tflops):
+    """The first matching name wins: the NVL and PCIe parts peak lower than the SXM ones."""
+    import torch
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    peak, note = load_benchmark().peak_flops(torch.device("cuda"), torch.bfloat16)
+    assert peak == tflops * 1e12 and "datasheet" in note

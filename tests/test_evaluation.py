@@ -342,6 +342,15 @@ def test_reports_mark_a_commit_whose_files_were_modified(monkeypatch, state, lab
     assert run.commit_label() == label
 
 
+def test_a_copy_of_the_tree_outside_git_names_the_commit_it_was_sent_as(monkeypatch, tmp_path):
+    from training import run
+    monkeypatch.setattr(run, "REPO", str(tmp_path))  # no .git above a fresh temporary folder
+    monkeypatch.delenv("DIFFUSION_SUITE_COMMIT", raising=False)
+    assert run.git_commit() == (None, None)
+    monkeypatch.setenv("DIFFUSION_SUITE_COMMIT", "abc1234")
+    assert run.git_commit() == ("abc1234", None) and run.commit_label() == "abc1234"
+
+
 def test_offline_metrics_compare_balanced_accuracies_and_a_floor_of_as_many_images():
     """The ratio divides balanced accuracies (a held-out split's class frequencies need not be the
     samples'); the FD floor takes as many held-out images as there are samples."""

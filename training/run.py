@@ -125,13 +125,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def git_commit():
-    """(short commit, whether tracked files differ from it) of this checkout; (None, None) outside git."""
+    """(short commit, whether tracked files differ from it) of this checkout. Outside git (a copy of
+    the tree sent to another machine) the commit named by DIFFUSION_SUITE_COMMIT, whose files
+    cannot be compared (None), or (None, None)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        return git("rev-parse", "--short", "HEAD") or None, bool(git("status", "--porcelain", "--untracked-files=no"))
+        commit = git("rev-parse", "--short", "HEAD") or None
+        if commit:
+            return commit, bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        pass
+    return os.environ.get("DIFFUSION_SUITE_COMMIT") or None, None
 
 
 def commit_label():
