@@ -248,7 +248,7 @@ def main(argv=None):
               **log}
     if args.stage == "score":
         result["training_args"] = saved["config"]  # the budget, widths and seed it was trained with
-    result.update(metrics(images, labels))
+    result.update(metrics(images, labels), classifier=metrics.classifier.checkpoint_path)
     os.makedirs(args.out, exist_ok=True)
     write_json(result, os.path.join(args.out, "eval.json"))  # first: the scores outlive a failed picture
     grid, width = class_rows(images, labels, num_classes)

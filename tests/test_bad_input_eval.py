@@ -255,7 +255,16 @@ def recipe(monkeypatch, image_folder_root, tmp_path):
                         (labels * 200).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, size, size))
     monkeypatch.setattr(diffusers_recipe, "load_real_classifier", lambda *args: None)
     metrics = {"sample_accuracy": 0.5, "classifier_fd": 1.0, "classifier_kid": 0.1}
-    monkeypatch.setattr(diffusers_recipe, "OfflineMetrics", lambda *args: lambda images, labels: metrics)
+
+    class Metrics:
+        classifier = types.SimpleNamespace(checkpoint_path="classifier_best.pt")
+
+        def __init__(self, *args):
+            pass
+
+        def __call__(self, images, labels):
+            return metrics
+    monkeypatch.setattr(diffusers_recipe, "OfflineMetrics", Metrics)
     out = tmp_path / "out"
 
     def model_file(class_names, num_embeddings):
@@ -294,7 +303,8 @@ def test_diffusers_recipe_saves_the_class_names_and_scores_unequal_class_counts(
     assert recipe.run("--stage", "train") == 0
     assert load_checkpoint(str(recipe.out / "model.pt"))["class_names"] == ["cat", "dog"]
     assert recipe.run("--stage", "score", "--num_samples", "3") == 0  # 2 cats, 1 dog
-    assert json.loads((recipe.out / "eval.json").read_text())["num_samples"] == 3
+    scores = json.loads((recipe.out / "eval.json").read_text())
+    assert scores["num_samples"] == 3 and scores["classifier"] == "classifier_best.pt"  # which classifier scored
     grid = Image.open(recipe.out / "samples_grid.png").convert("L")
     assert grid.size == (2 * 34 + 2, 2 * 34 + 2)  # a row per class, 2 wide, 32 px tiles with 2 px padding
     assert [grid.getpixel((x, y)) for x, y in ((18, 18), (52, 18), (18, 52), (52, 52))] == [0, 0, 200, 255]
