@@ -12,6 +12,7 @@ from diffusion.objective import LOSS_TERMS, LOSS_WEIGHTINGS, PREDICTIONS, TIMEST
 from diffusion.samplers import SAMPLERS
 from diffusion.schedule import SCHEDULES
 from errors import UserError
+from files import atomic_path
 from models import LATENT_DENOISERS, TRANSFORMER_DENOISERS
 from models.transformer import ATTENTION_KINDS
 
@@ -487,10 +488,8 @@ def validate(cfg, new_run=True):
 def write_json(obj, path):
     """Through a temporary file and a rename: a crash leaves the old file or the new, never half.
     NaN and infinities (a class with no samples) are written as null: strict JSON has no NaN."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(_finite_or_none(obj), f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
 
 
 def _finite_or_none(obj):

@@ -23,10 +23,11 @@ EXIT_WRITE_FAILED = 4
 
 def run_main(main, argv=None):
     """Run an entry point's main(argv): bad input -> one stderr line and exit status 2; a run
-    stopped by SIGINT/SIGTERM (checkpoint saved) -> 130/143; non-finite training -> 3; a
-    checkpoint that could not be written (full disk) -> 4."""
+    stopped by SIGINT/SIGTERM (checkpoint saved) -> 130/143; non-finite training -> 3; a file
+    that could not be written or read (full disk, no permission) -> 4, one line too."""
+    import errno
     import sys
-    from training.checkpoint import CheckpointWriteError
+    from files import WriteError
     from training.loop import NonFiniteError, StopRequested
     try:
         return main(argv) or 0
@@ -36,8 +37,14 @@ def run_main(main, argv=None):
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_NON_FINITE
-    except CheckpointWriteError as e:
+    except WriteError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except OSError as e:  # the machine's, not the code's: a full disk, a folder without permission
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM,
+                           errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        print(f"error: {e.strerror}: {e.filename}", file=sys.stderr)
         return EXIT_WRITE_FAILED
     except StopRequested as e:
         print(f"stopped: {e}", file=sys.stderr)

@@ -178,8 +178,9 @@ def stage_overrides(args):
 
 
 def main(argv=None):
-    from training import runner
+    from training import distributed, runner
     args = stage_overrides(parse_args(argv))
+    distributed.check_environment()  # torchrun's variables left in a shell: refused before any work
     stage = stage_flag(args)
     if args.checkpoint_path:  # the stage continued is the checkpoint's own (--train_all: either)
         cfg, kind = runner.config_for_resume(args, args.checkpoint_path, with_kind=True)

@@ -516,3 +516,26 @@ def test_help_offers_no_flag_the_script_would_refuse(capsys, script, absent):
         importlib.import_module(script).parse_args(["--help"])
     shown = capsys.readouterr().out
     assert "--seed" in shown and not [flag for flag in absent if flag in shown]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "1"}, "RANK=1 and WORLD_SIZE=None do not describe a process of a group"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a whole number"),
+    ({"WORLD_SIZE": "0", "RANK": "0"}, "RANK=0 and WORLD_SIZE=0 do not describe"),
+    ({"WORLD_SIZE": "2"}, "RANK=None and WORLD_SIZE=2 do not describe"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_PORT": "1"}, "WORLD_SIZE=2 without MASTER_ADDR: start several"),
+])
+def test_torchrun_variables_left_in_a_shell_are_refused_before_any_work(monkeypatch, capsys, tmp_path, env, message):
+    """Not a traceback from deep inside, nor a silent wait for processes that never come. The data
+    folder does not exist: the check comes first."""
+    import main
+    from errors import run_main
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    status = run_main(main.main, ["--train_diffusion", "--model", "unet", "--dataset", "folder", "--data_root",
+                                  str(tmp_path / "none"), "--results_dir", str(tmp_path / "run"), "--device", "cpu"])
+    lines = capsys.readouterr().err.splitlines()
+    assert status == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "run").exists()

@@ -767,3 +767,61 @@ def test_the_classifier_resumes_in_its_default_folder_and_refuses_what_it_does_n
     assert train_in_process([*classifier, "--subset", "8", "--resume"]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: the classifier's one-cycle learning rate is planned over "), line
+
+
+def _fills_the_disk(path, *args, **kwargs):
+    """An image writer on a full disk: part of the file, then ENOSPC."""
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG partial")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("writer", ["json", "grid", "figure"])
+def test_a_full_disk_leaves_the_previous_file_whole_and_no_temporary_file(tmp_path, monkeypatch, writer):
+    """JSON reports and pictures are written beside their place and renamed: the old file stays
+    whole, the half-written one goes, and the error is one WriteError line."""
+    import matplotlib.pyplot as plt
+    from config import write_json
+    from files import WriteError
+    from viz import figures
+    path = tmp_path / ("report.json" if writer == "json" else "picture.png")
+    path.write_bytes(b"the previous file")
+    if writer == "json":
+        monkeypatch.setattr("json.dump", lambda obj, f, **kwargs: _fills_the_disk(f.name))
+        write = lambda: write_json({"a": 1}, str(path))  # noqa: E731
+    elif writer == "grid":
+        monkeypatch.setattr(figures, "save_image", lambda images, p, **kwargs: _fills_the_disk(p))
+        write = lambda: figures.save_grid(torch.zeros(2, 3, 4, 4), str(path), nrow=2)  # noqa: E731
+    else:
+        monkeypatch.setattr(plt.Figure, "savefig", lambda fig, p, **kwargs: _fills_the_disk(p))
+        write = lambda: figures._save(plt.figure(), str(path))  # noqa: E731
+    with pytest.raises(WriteError, match=r"picture.png|report.json") as failure:
+        write()
+    assert "(No space left on device); the previous" in str(failure.value)
+    assert path.read_bytes() == b"the previous file"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("error, status, line", [
+    (OSError(errno.ENOSPC, "No space left on device", "run/pictures/a.png"), 4,
+     "error: No space left on device: run/pictures/a.png"),
+    (PermissionError(errno.EACCES, "Permission denied", "run/metrics.csv"), 4,
+     "error: Permission denied: run/metrics.csv"),
+])
+def test_the_machines_file_errors_are_one_line(capsys, error, status, line):
+    from errors import run_main
+
+    def main(argv):
+        raise error
+    assert run_main(main) == status
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_other_os_errors_keep_their_traceback():
+    """A missing file the code itself should have made is a bug: it is not hidden as one line."""
+    from errors import run_main
+
+    def main(argv):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
+    with pytest.raises(FileNotFoundError):
+        run_main(main)

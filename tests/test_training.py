@@ -719,3 +719,26 @@ def test_evaluation_samples_are_the_same_images_on_any_number_of_gpus(monkeypatc
     labels = [0, 1, 2, 0, 1, 2, 0, 1]  # balanced_labels(8, 3), as one process draws them from seed + i
     assert drawn == [(labels[4 * rank:4 * rank + 4], denoiser.HELDOUT_SEED + 4 * rank)]
     assert scored == [labels]
+
+
+@pytest.mark.parametrize("total_epochs, picture_every", [(3, 1), (3, 100), (1, 100)])
+def test_a_signal_after_an_epochs_last_step_stops_the_run_there(tmp_path, total_epochs, picture_every):
+    """SIGINT during the held-out evaluation (after the last batch's check) is not lost: the run
+    saves the epoch and stops, also after its last epoch (--train_all would start its next stage),
+    and whether or not the epoch writes pictures."""
+    import os
+    import signal
+    from training.checkpoint import load_checkpoint
+    from training.loop import StopRequested
+
+    class SignalledStage(StubStage):
+        def validate(self, epoch):
+            os.kill(os.getpid(), signal.SIGINT)
+            return super().validate(epoch)
+
+    stage = SignalledStage([1.0, 2.0, 3.0])
+    cfg = Config(patience=0, picture_every=picture_every, checkpoint_every=5)
+    with pytest.raises(StopRequested, match=f"SIGINT: saved .*stub_last.pt after epoch 1 of {total_epochs}; resume"):
+        fit(stage, OneBatch(), cfg, Run(str(tmp_path)), total_epochs=total_epochs)
+    state = load_checkpoint(str(tmp_path / "stub_last.pt"))
+    assert stage.validated == 1 and state["epoch"] == 1 and state["batch_in_epoch"] == 0

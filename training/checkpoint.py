@@ -8,31 +8,21 @@ import pickle
 import torch
 
 from errors import UserError
+from files import WriteError, atomic_path
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (full disk, I/O error); the previous one is intact."""
+CheckpointWriteError = WriteError  # a checkpoint could not be written; the previous one is intact
 
 
 def save_checkpoint(state, path):
     """Write to a temporary file, flush and fsync, then rename over the old checkpoint: a crash
     or a full disk at any moment leaves the previous checkpoint intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        previous = "the previous checkpoint is intact" if os.path.exists(path) else "no checkpoint was written"
-        raise CheckpointWriteError(f"could not write {path} ({reason}); {previous}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _settle(folder, path)
+    # torch.save reports a failed write as RuntimeError
+    with atomic_path(path, "checkpoint", errors=(OSError, RuntimeError)) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _settle(os.path.dirname(os.path.abspath(path)), path)
 
 
 def _settle(folder, path):
@@ -55,20 +45,11 @@ def _settle(folder, path):
 
 def copy_checkpoint(source, path):
     """An atomic, durable copy (the finished run's sampling checkpoint)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(source, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        raise CheckpointWriteError(f"could not write {path} ({e.strerror or e})") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _settle(folder, path)
+    with atomic_path(path, "checkpoint") as tmp, open(source, "rb") as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+        dst.flush()
+        os.fsync(dst.fileno())
+    _settle(os.path.dirname(os.path.abspath(path)), path)
 
 
 def all_finite(state):

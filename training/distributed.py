@@ -2,6 +2,7 @@
 environment; we init the process group (NCCL on GPUs, gloo on CPU) and wrap models in DDP."""
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as torch_dist
@@ -9,16 +10,42 @@ import torch.distributed as torch_dist
 from errors import UserError
 
 
+def _env_int(name, default):
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"the environment variable {name}={value!r} is not a whole number (torchrun sets it; "
+                        f"unset it to run one process)") from None
+
+
 def world_size():
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return _env_int("WORLD_SIZE", 1)
 
 
 def rank():
-    return int(os.environ.get("RANK", "0"))
+    return _env_int("RANK", 0)
 
 
 def local_rank():
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return _env_int("LOCAL_RANK", 0)
+
+
+def check_environment():
+    """torchrun's variables, left over in a shell or set by hand, must describe one process of a
+    group torchrun started: refused here, before any work, rather than failing (or waiting for
+    peers that never come) later."""
+    n, r = world_size(), rank()
+    if n < 1 or not 0 <= r < n or (n > 1 and "RANK" not in os.environ):
+        raise UserError(f"RANK={os.environ.get('RANK')} and WORLD_SIZE={os.environ.get('WORLD_SIZE')} do not "
+                        f"describe a process of a group: start several with torchrun --nproc_per_node=K, or unset "
+                        f"them to run one")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if n > 1 and name not in os.environ]
+    if missing:
+        raise UserError(f"WORLD_SIZE={n} without {' and '.join(missing)}: start several processes with torchrun "
+                        f"--nproc_per_node={n}, which sets them, or unset WORLD_SIZE to run one")
 
 
 def is_main():
@@ -31,11 +58,15 @@ def enabled():
 
 def setup(device):
     """Join the process group torchrun prepared (a no-op for a single process)."""
+    check_environment()
     if not enabled() or torch_dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if is_main():  # if a process never comes (variables set by hand), this is the last line
+        print(f"joining a group of {world_size()} processes ({backend}, {os.environ['MASTER_ADDR']}:"
+              f"{os.environ['MASTER_PORT']})", file=sys.stderr)
     torch_dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
 
 

@@ -265,10 +265,18 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
                            f"{max_minutes:g}-minute budget ({seconds / 60:.1f} min used; --minutes 0: no budget)"
                            + undecayed_lr(stage, epoch))
             stop_early = stop_early or out_of_time
-            if epoch % cfg.checkpoint_every == 0 or epoch == total_epochs or stop_early:
+            saved = epoch % cfg.checkpoint_every == 0 or epoch == total_epochs or stop_early
+            if saved:
                 checkpoint(stage.last_name, every_rank=True)
             if dist.is_main() and (epoch % cfg.picture_every == 0 or epoch == total_epochs or stop_early):
                 stage.pictures(epoch)
+            # A signal during the held-out evaluation, the checkpoint or the pictures stops the run
+            # here (all ranks agree), also after the last epoch: --train_all must not start its next stage.
+            if signals.caught if not dist.enabled() else dist.any_across_ranks(signals.caught):
+                if not saved:
+                    checkpoint(stage.last_name, every_rank=True)
+                raise StopRequested(f"{signals.caught or 'SIGTERM'}: saved {run.path(stage.last_name)} after epoch "
+                                    f"{epoch} of {total_epochs}; resume with the same command plus --resume")
             if stop_early:
                 break
     if dist.is_main() and not os.path.isfile(run.path(stage.last_name)):

@@ -9,6 +9,7 @@ import tempfile
 import torch
 
 from config import save_config
+from files import atomic_path
 from errors import UserError
 from training import distributed as dist
 
@@ -88,12 +89,10 @@ class Run:
         kept = [r for r in rows if r["stage"] != stage or int(r["step"]) <= step]
         if len(kept) == len(rows):
             return
-        tmp = self.path("metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path("metrics.csv")) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
             writer.writeheader()
             writer.writerows(kept)
-        os.replace(tmp, self.path("metrics.csv"))
 
     def read_metrics(self):
         """metrics.csv's rows as dicts of strings, each checked to parse (a file cut short by a

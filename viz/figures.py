@@ -14,13 +14,15 @@ import torch  # noqa: E402
 from torchvision.utils import make_grid, save_image  # noqa: E402
 
 from data import to_float  # noqa: E402
+from files import atomic_path  # noqa: E402
 
 
 def save_grid(images, path, nrow):
     """images: float in [-1, 1] or uint8, [N, 3, H, W]."""
     if images.dtype == torch.uint8:
         images = to_float(images)
-    save_image((images.float().cpu() + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+    with atomic_path(path, "picture") as tmp:  # a full disk leaves no truncated picture
+        save_image((images.float().cpu() + 1) / 2, tmp, nrow=nrow, padding=2, pad_value=1.0)
 
 
 def _to_numpy_grid(images, nrow):
@@ -54,8 +56,11 @@ def _save(fig, path, title=None, dpi=120):
     if title:  # 0.08 in from the top: tight_layout leaves it room there, not 2% of a tall figure's height down
         fig.suptitle(title, fontsize=10, y=1 - 0.08 / fig.get_figheight())
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    try:
+        with atomic_path(path, "picture") as tmp:
+            fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def plot_losses(run, stage, path):
@@ -162,7 +167,8 @@ def denoising_animation(pipe, label, path, seed=0, num_frames=40, fps=8, **sampl
     state = _state_name(pipe).replace("\n", " ")
     shown = [(f"t = {t}", x, x0) for t, x, x0 in frames] + [("final sample", final, None)]
     pictures = [_animation_frame(x, x0, f"{settings}\n{caption}", state) for caption, x, x0 in shown]
-    imageio.mimsave(path, pictures, duration=[1000 / fps] * len(frames) + [4000 / fps], loop=0)  # hold the end
+    with atomic_path(path, "animation") as tmp:  # the last frame is held 4 times as long
+        imageio.mimsave(tmp, pictures, duration=[1000 / fps] * len(frames) + [4000 / fps], loop=0)
     return [caption for caption, _, _ in shown]
 
 
@@ -320,7 +326,8 @@ def save_individual(images, folder, prefix):
     paths = []
     for i, img in enumerate(images):
         p = os.path.join(folder, f"{prefix}_{i:03d}.png")
-        save_image((img.float().cpu() + 1) / 2, p)
+        with atomic_path(p, "image") as tmp:
+            save_image((img.float().cpu() + 1) / 2, tmp)
         paths.append(p)
     numbered = re.compile(re.escape(prefix) + r"_(\d{3,})\.png")
     for name in os.listdir(folder):
