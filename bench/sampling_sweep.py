@@ -10,6 +10,7 @@ Writes the JSON and, beside it under the same name, a plot of accuracy, FD and K
 guidance scale.
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -102,6 +103,22 @@ def guidance_intervals(text):
     return intervals
 
 
+def refuse_overwriting_other_files(out, figure):
+    """--out may replace an earlier sweep's report and plot, nothing else: not the run's config.json,
+    nor a training plot that shares the report's name."""
+    earlier_sweep = False
+    if os.path.exists(out):
+        try:
+            with open(out) as f:
+                earlier_sweep = {"run", "num_samples", "rows"} <= set(json.load(f))
+        except (OSError, ValueError, TypeError):
+            pass
+        if not earlier_sweep:
+            raise UserError(f"--out {out} exists and is not a sampling sweep's report: name a new file")
+    if os.path.exists(figure) and not earlier_sweep:
+        raise UserError(f"--out {out}: its plot would replace {figure}, which no sweep wrote: name another file")
+
+
 def main(argv=None):
     args = parse_args(argv)
     specs = sampler_specs(args.samplers)  # bad input fails here, before the run is loaded
@@ -124,6 +141,7 @@ def main(argv=None):
     out = writable_output(args.out or os.path.join(args.results_dir, "sampling_sweep.json"))
     if not out.endswith(".json"):  # its figure goes beside it, under the same name with .png
         raise UserError(f"--out {out}: name a .json file")
+    refuse_overwriting_other_files(out, out[:-len(".json")] + ".png")
     check_sample_count(args.num_samples, pipe.num_classes, "the sweep")
     check_heldout_classes(pipe.cfg, pipe.class_names, pipe.heldout_digest)
     offline = OfflineMetrics(load_real_classifier(pipe.cfg, device, args.classifier_path), pipe.cfg, device,

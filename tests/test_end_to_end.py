@@ -391,6 +391,14 @@ def test_sampling_sweep_scores_every_setting_with_either_weights(latent_run, rea
     assert "--guidance" in capsys.readouterr().err
     assert run_main(sampling_sweep.main, base + ["--guidance_intervals", "5:0.3"]) == 2
     assert "--guidance_intervals" in capsys.readouterr().err
+    # --out replaces an earlier sweep's report and plot, never another file.
+    sampling_sweep.refuse_overwriting_other_files(out["ema"], out["ema"][:-len(".json")] + ".png")
+    before = {name: open(os.path.join(latent_run, name), "rb").read() for name in ("config.json", "diffusion_loss.png")}
+    for name, says in (("config.json", "exists and is not a sampling sweep's report"),
+                       ("diffusion_loss.json", "its plot would replace")):
+        assert run_main(sampling_sweep.main, base + ["--out", os.path.join(latent_run, name)]) == 2
+        assert says in capsys.readouterr().err
+    assert all(open(os.path.join(latent_run, name), "rb").read() == data for name, data in before.items())
 
 
 @pytest.mark.parametrize("model", ["unet", "attn_unet", "transformer"])

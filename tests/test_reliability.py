@@ -132,6 +132,21 @@ def test_resume_at_epoch_boundary_gives_same_losses(data, reference, tmp_path, v
     assert_same_tensors(ours["rng"], theirs["rng"], "rng")
 
 
+def test_resume_asking_fewer_epochs_than_done_is_refused_before_any_work(data, reference, tmp_path, capsys):
+    """Before, it read the data and rewrote config.json with the smaller count, the checkpoints
+    keeping theirs. Asking as many as were done still finishes the run (nothing to train)."""
+    from helpers_cli import snapshot
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = snapshot(run_dir)
+    assert train_in_process(run_args(data, run_dir, 1, "--resume")) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"error: {run_dir / LAST} has trained 2 epochs, more than the 1 asked for (--epochs; with "
+                   f"--train_all, --vae_epochs or --diffusion_epochs): ask for 2 or more"], err
+    assert snapshot(run_dir) == before
+    assert train_in_process(run_args(data, run_dir, 2, "--resume")) == 0
+
+
 def test_resume_with_another_lr_trains_at_it(data, reference, tmp_path):
     """--lr on --resume is not ignored: the optimizer and its schedule continue from the new rate."""
     run_dir = tmp_path / "new_lr"

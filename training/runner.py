@@ -40,6 +40,9 @@ def load_splits(cfg):
     return train, val
 
 
+EPOCHS_FIELD = {"vae_gan": "vae_epochs", "conditional_diffusion": "diffusion_epochs", "classifier": "classifier_epochs"}
+
+
 def resume_state_for(cfg, stage_cls, resume, checkpoint_path=None):
     """The checkpoint to continue from, or None for a fresh start. With --resume a stage that
     has no checkpoint yet starts fresh; without it, a fresh start never overwrites one."""
@@ -55,6 +58,10 @@ def resume_state_for(cfg, stage_cls, resume, checkpoint_path=None):
         state = load_checkpoint(path)
         check_compatible(state, cfg, stage_cls.kind, path)
         require_parts(state, ("epoch", "step", "rng", "stage"), path, f"{stage_cls.kind} training")
+        asked, done = getattr(cfg, EPOCHS_FIELD[stage_cls.kind]), state["epoch"]
+        if resume and asked < done:  # refused before the data are read and config.json is rewritten
+            raise UserError(f"{path} has trained {done} epochs, more than the {asked} asked for (--epochs; with "
+                            f"--train_all, --vae_epochs or --diffusion_epochs): ask for {done} or more")
         return _own_rng_stream(state, cfg)
     if not resume and os.path.isfile(path):
         raise UserError(f"{cfg.results_dir} already holds {stage_cls.last_name}; pass --resume to continue "
@@ -121,8 +128,8 @@ def config_for_resume(args, checkpoint_path, default_results_dir=None, with_kind
         raise UserError(f"cannot read the config inside {checkpoint_path}: {e}") from None
     if args.results_dir is None:
         cfg.results_dir = default_results_dir or os.path.dirname(os.path.abspath(checkpoint_path))
-    field = {"vae_gan": "vae_epochs", "conditional_diffusion": "diffusion_epochs"}.get(state["kind"])
-    if field and getattr(args, "total_epochs", None) is not None:
+    field = EPOCHS_FIELD.get(state["kind"])
+    if field and field != "classifier_epochs" and getattr(args, "total_epochs", None) is not None:
         if args.total_epochs <= state.get("epoch", 0):
             done = state["epoch"]
             raise UserError(f"--total_epochs {args.total_epochs}: {checkpoint_path} has already trained {done} "
