@@ -137,8 +137,9 @@ class Pipeline:
         guidance = "no guidance" if scale == 1 else f"guidance {scale:g}"
         if scale > 1 and schedule != "constant":  # schedules shape guidance above 1 only
             guidance += {"linear": " ramped linearly", "adaptive": " on the adaptive schedule"}[schedule]
-        if scale != 1 and interval is not None and interval[1] < math.inf:
-            guidance += f" for sigma/alpha in ({interval[0]:g}, {interval[1]:g}]"
+        if scale != 1 and interval is not None and (interval[0] > 0 or interval[1] < math.inf):
+            guidance += (f" for sigma/alpha in ({interval[0]:g}, {interval[1]:g}]" if interval[1] < math.inf
+                         else f" for sigma/alpha above {interval[0]:g}")
         return f"{sampler or cfg.sampler} {steps or cfg.steps} steps, {guidance}"
 
     def refuse_non_finite_weights(self):

@@ -84,6 +84,9 @@ def test_only_rank_zero_writes(worker_run):
     run_dir, _, result = worker_run
     assert_one_writer(run_dir, epochs=2)
     assert result.stderr.count("resuming conditional_diffusion after epoch 1,") == 1  # rank 0 alone speaks
+    # four trainings finish in the worker (the run, its resume, the straight run, the stopped one's resume)
+    assert result.stdout.count("[conditional_diffusion] saved ") == 4
+    assert result.stdout.count("[conditional_diffusion] for sampling: ") == 4
     assert load(run_dir / "conditional_diffusion_final.pt")["epoch"] == 2
 
 

@@ -136,7 +136,7 @@ def test_animation_is_a_gif_of_the_reverse_process(latent_run):
     assert len({f.shape for f in frames}) == 1
 
 
-def test_animation_frames_are_captioned_with_their_timestep(latent_run, tmp_path):
+def test_animation_frames_are_captioned_with_their_timestep(latent_run, tmp_path, monkeypatch):
     from pipeline import load_pipeline
     from viz import figures
     pipe = load_pipeline(latent_run, device="cpu")
@@ -147,8 +147,16 @@ def test_animation_frames_are_captioned_with_their_timestep(latent_run, tmp_path
     assert captions[4:] == ["final sample"]
     frames = imageio.mimread(path)
     assert len(frames) == len(captions)
-    band = frames[0].shape[0] // 6  # the caption above the images: its text differs between timesteps
-    assert not (frames[0][:band] == frames[1][:band]).all()
+    from PIL import Image
+    with Image.open(path) as gif:  # the final sample is held: its frame lasts longest
+        durations = [gif.seek(i) or gif.info["duration"] for i in range(gif.n_frames)]
+    assert durations[-1] > 2 * max(durations[:-1])
+    drawn = []  # and every frame's caption ends with its own line
+    real_frame = figures._animation_frame
+    monkeypatch.setattr(figures, "_animation_frame", lambda x, x0, caption, state: drawn.append(caption) or
+                        real_frame(x, x0, caption, state))
+    assert figures.denoising_animation(pipe, 0, path, steps=4, sampler="ddim", num_frames=4) == captions
+    assert [c.splitlines()[-1] for c in drawn] == captions and "ddim 4 steps" in drawn[0]
 
 
 @pytest.mark.parametrize("mode", ["latent_space", "samples_grid", "denoising_steps", "reconstructions",
@@ -250,7 +258,7 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifie
     torch.save(random_state, weights)
     monkeypatch.setattr("training.run.git_commit", lambda: ("abc1234", True))  # edited code is marked
     assert generate.main(["--evaluate", "--results_dir", latent_run, "--num_samples", "16", "--device", "cpu",
-                          "--classifier_path", real_classifier,
+                          "--classifier_path", real_classifier, "--seed", "3",
                           "--inception_weights", weights, "--classify_images", "4", "--steps", "5"]) == 0
     result = json.load(open(os.path.join(latent_run, "eval.json")))
     for key in ("num_samples", "seed", "sampler", "steps", "guidance_scale", "checkpoint", "device",
@@ -275,7 +283,7 @@ def test_evaluate_and_classify_write_complete_reports(latent_run, real_classifie
     assert os.path.isfile(os.path.join(latent_run, "memorization_closest_pairs.png"))
     printed = capsys.readouterr().out.splitlines()  # the table names the sampling; both files are named
     assert any(line.startswith("samples") and line.endswith("16 (dpmpp 5 steps, guidance 11 ramped linearly, "
-                                                             "seeds from 0)") for line in printed), printed
+                                                             "seeds from 3)") for line in printed), printed
     assert printed[-2:] == [os.path.join(latent_run, "eval.json"),
                             os.path.join(latent_run, "memorization_closest_pairs.png")]
     assert generate.main(["--classify", "--results_dir", latent_run, "--num_samples", "4", "--device", "cpu"]) == 0

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import urllib.error
 
 import numpy as np
@@ -349,6 +350,12 @@ def test_a_copy_of_the_tree_outside_git_names_the_commit_it_was_sent_as(monkeypa
     assert run.git_commit() == (None, None)
     monkeypatch.setenv("DIFFUSION_SUITE_COMMIT", "abc1234")
     assert run.git_commit() == ("abc1234", None) and run.commit_label() == "abc1234"
+    monkeypatch.undo()  # inside the checkout, git's own answer wins over the variable
+    if not os.path.isdir(os.path.join(run.REPO, ".git")):
+        pytest.skip("the tests run outside a git checkout")
+    monkeypatch.setenv("DIFFUSION_SUITE_COMMIT", "stale00")
+    commit, modified = run.git_commit()
+    assert commit not in (None, "stale00") and isinstance(modified, bool)
 
 
 def test_offline_metrics_compare_balanced_accuracies_and_a_floor_of_as_many_images():

@@ -114,9 +114,11 @@ def test_sample_grid_rows_share_their_seeds_and_say_how_they_were_sampled(drawn,
     pipe = FakePipe()
     shown = figures.class_sample_grid(pipe, tmp_path / "g.png", per_class=3, seed=4, classes=[0, 1], title="epoch 2")
     alone = figures.class_sample_grid(pipe, tmp_path / "g.png", per_class=3, seed=4, classes=[1])
-    assert pipe.seeds == [4, 4, 4] and torch.equal(shown[3:], alone)
-    (_, title), _ = drawn
+    figures.class_sample_grid(pipe, tmp_path / "g.png", per_class=1, seed=4, classes=[1])
+    assert pipe.seeds == [4, 4, 4, 4] and torch.equal(shown[3:], alone)
+    (_, title), _, (_, one_each) = drawn
     assert title == "epoch 2: ddim 4 steps, guidance 3 ramped linearly, seeds 4 to 6 in every row"
+    assert one_each == "ddim 4 steps, guidance 3 ramped linearly, seed 4 in every row"
 
 
 def test_sampling_settings_in_words():
@@ -131,6 +133,9 @@ def test_sampling_settings_in_words():
     assert say(guidance_interval=(0.3, 5.0)) == "dpmpp 20 steps, guidance 11 ramped linearly for sigma/alpha in (0.3, 5]"
     assert say(guidance_interval=(0.0, float("inf"))) == "dpmpp 20 steps, guidance 11 ramped linearly"
     assert say(guidance_scale=0.0) == "dpmpp 20 steps, guidance 0"  # unconditional: schedules shape w > 1 only
+    # the interval applies at any scale but 1, the unconditional model's included
+    assert say(guidance_scale=0.0, guidance_interval=(0.3, 5.0)) == "dpmpp 20 steps, guidance 0 for sigma/alpha in (0.3, 5]"
+    assert say(guidance_interval=(0.3, float("inf"))).endswith("ramped linearly for sigma/alpha above 0.3")
 
 
 @pytest.mark.parametrize("vae", [None, object()])
@@ -182,6 +187,20 @@ def test_latent_figures_colour_classes_alike_and_apart(drawn, tmp_path):
                 for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
     in_space, in_paths = legend_colors(space.axes[0]), legend_colors(paths.axes[0])
     assert in_space == in_paths and in_space["c1"] != in_space["c21"]
+    labels = torch.tensor([3, 9] * 10)  # a set of {3, 9} iterates 9 first: the colours follow the sorted order
+    figures.latent_space_figure(real, labels, pipe.class_names, None, tmp_path / "l.png")
+    figures.denoising_path_figure(pipe, 9, real, labels, tmp_path / "p.png", num_samples=2)
+    (space, _), (paths, _) = drawn[2:]
+    assert legend_colors(space.axes[0]) == legend_colors(paths.axes[0])
+
+
+def test_denoising_paths_of_a_class_without_real_latents_shown(drawn, tmp_path):
+    """The sampled class gets its colour even when no real latent of it is drawn."""
+    real = torch.randn((20, 4, 2, 2), generator=torch.Generator().manual_seed(0))
+    figures.denoising_path_figure(FakePipe(), 1, real, torch.zeros(20, dtype=torch.long), tmp_path / "p.png",
+                                  num_samples=2)
+    (fig, _), = drawn
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["real cat"]
 
 
 def test_coinciding_class_centers_stay_visible_and_named(drawn, tmp_path):
