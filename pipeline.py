@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from config import Config, build_config
+from config import Config, build_config, validate
 from data import to_float
 from diffusion.guidance import make_denoiser
 from diffusion.samplers import sample as run_sampler
@@ -260,11 +260,14 @@ def load_pipeline(results_dir=None, model_path=None, device="cpu", overrides=Non
         raise UserError(f"{path} holds a {state['kind']} checkpoint, not a denoiser")
     stage = state.get("stage")
     require_parts(stage, ("class_names", "sample_size", "ema" if use_ema else "model"), path, "denoiser")
-    cfg = Config.from_dict(state["config"])
+    try:  # a config edited by hand: wrong types, a list cut short
+        cfg = Config.from_dict(state["config"])
+        cfg = build_config(overrides, base=cfg) if overrides is not None else validate(cfg, new_run=False)
+    except (TypeError, ValueError, IndexError, AttributeError) as e:
+        raise UserError(f"{path} is damaged: its config does not read ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:120]})") from None
     if cfg.is_latent:
         require_parts(stage, ("vae", "latent_shift", "latent_scale"), path, "latent denoiser")
-    if overrides is not None:
-        cfg = build_config(overrides, base=cfg)
     class_names = stage["class_names"]
     if not isinstance(class_names, (list, tuple)) or not all(isinstance(c, str) and c for c in class_names):
         raise UserError(f"{path} is damaged: its class_names are not a list of class names")
@@ -272,7 +275,13 @@ def load_pipeline(results_dir=None, model_path=None, device="cpu", overrides=Non
         raise UserError(f"{path} is damaged: it names no classes")
     in_channels = cfg.latent_channels if cfg.is_latent else 3
     size = stage["sample_size"]
-    denoiser = build_denoiser(cfg, len(class_names), in_channels, size)
+    if not (isinstance(size, int) and size > 0):
+        raise UserError(f"{path} is damaged: its sample_size {size!r} is not the side of its images or latents")
+    try:
+        denoiser = build_denoiser(cfg, len(class_names), in_channels, size)
+    except (TypeError, ValueError) as e:  # e.g. channel_mults edited into a string
+        raise UserError(f"{path} is damaged: its config does not build a {cfg.model} ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:120]})") from None
     weights = stage["ema"] if use_ema else stage["model"]
     if use_ema and isinstance(weights, dict):  # AveragedModel keys: "module.<name>" plus its n_averaged counter
         weights = {k[len("module."):]: v for k, v in weights.items() if k.startswith("module.")}
@@ -283,7 +292,11 @@ def load_pipeline(results_dir=None, model_path=None, device="cpu", overrides=Non
         vae = build_vae(cfg, len(class_names), cfg.image_size)
         load_weights(vae, stage["vae"], path, "VAE")
         vae.to(device).eval()
-        shift, scale = stage["latent_shift"].to(device), stage["latent_scale"].to(device)
+        shift, scale = stage["latent_shift"], stage["latent_scale"]
+        for name, t in (("latent_shift", shift), ("latent_scale", scale)):
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape == (in_channels, 1, 1)):
+                raise UserError(f"{path} is damaged: its {name} is not a per-channel tensor of {in_channels} channels")
+        shift, scale = shift.to(device), scale.to(device)
     pipe = Pipeline(cfg, denoiser, class_names, device, vae, shift, scale)
     pipe.checkpoint_path, pipe.heldout_digest = path, stage.get("heldout_digest")
     pipe.refuse_non_finite_weights()

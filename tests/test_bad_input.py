@@ -539,3 +539,24 @@ def test_torchrun_variables_left_in_a_shell_are_refused_before_any_work(monkeypa
     lines = capsys.readouterr().err.splitlines()
     assert status == 2 and len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("run, change, says", [
+    ("pixel", lambda s: s["config"].update(image_size="32"), "its config does not read (TypeError"),
+    ("pixel", lambda s: s["config"].update(guidance_interval=[1.0]), "its config does not read (IndexError"),
+    ("pixel", lambda s: s["config"].update(channel_mults="122"), "its config does not build a unet (TypeError"),
+    ("pixel", lambda s: s["stage"].update(sample_size="8"), "its sample_size '8' is not the side of its images"),
+    ("latent", lambda s: s["stage"].update(latent_scale=1.0), "its latent_scale is not a per-channel tensor"),
+    ("latent", lambda s: s["stage"].update(latent_shift=torch.zeros(3)), "its latent_shift is not a per-channel"),
+], ids=["image_size_text", "interval_cut_short", "channel_mults_text", "sample_size_text", "scale_a_float",
+        "shift_misshapen"])
+def test_a_checkpoint_edited_by_hand_is_refused_in_one_line(battery, capsys, tmp_path, run, change, says):
+    import generate
+    from errors import run_main
+    state = torch.load(getattr(battery.paths, run) / "conditional_diffusion_final.pt", weights_only=True)
+    change(state)
+    torch.save(state, tmp_path / "edited.pt")
+    status = run_main(generate.main, ["--model_path", str(tmp_path / "edited.pt"), "--num_samples", "1", "--steps",
+                                      "2", "--output_dir", str(tmp_path / "out"), "--device", "cpu"])
+    lines = capsys.readouterr().err.splitlines()
+    assert status == 2 and len(lines) == 1 and f"{tmp_path / 'edited.pt'} is damaged: {says}" in lines[0], lines
