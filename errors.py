@@ -19,12 +19,14 @@ def offline():
 EXIT_BAD_INPUT = 2
 EXIT_NON_FINITE = 3
 EXIT_WRITE_FAILED = 4
+EXIT_OUT_OF_MEMORY = 5
 
 
 def run_main(main, argv=None):
     """Run an entry point's main(argv): bad input -> one stderr line and exit status 2; a run
     stopped by SIGINT/SIGTERM (checkpoint saved) -> 130/143; non-finite training -> 3; a file
-    that could not be written or read (full disk, no permission) -> 4, one line too."""
+    that could not be written or read (full disk, no permission) -> 4, and out of memory (a batch or
+    model too large for the GPU) -> 5, one line each."""
     import errno
     import sys
     from files import WriteError
@@ -46,6 +48,16 @@ def run_main(main, argv=None):
             raise
         print(f"error: {e.strerror}: {e.filename}", file=sys.stderr)
         return EXIT_WRITE_FAILED
+    except (MemoryError, RuntimeError) as e:
+        import torch
+        # torch's GPU allocator raises OutOfMemoryError, its CPU allocator a plain RuntimeError
+        if isinstance(e, RuntimeError) and not (isinstance(e, torch.OutOfMemoryError)
+                                                or "can't allocate memory" in str(e)):
+            raise
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        print(f"error: out of memory ({detail}): a smaller --batch_size, image size or model fits; checkpoints "
+              f"already saved are intact", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     except StopRequested as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 143 if str(e).startswith("SIGTERM") else 130

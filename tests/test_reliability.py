@@ -840,3 +840,27 @@ def test_other_os_errors_keep_their_traceback():
         raise FileNotFoundError(errno.ENOENT, "No such file or directory", "x")
     with pytest.raises(FileNotFoundError):
         run_main(main)
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't "
+                                                "allocate memory: you tried to allocate 17179869184 bytes"),
+                                   MemoryError("Unable to allocate 144. GiB for an array")])
+def test_out_of_memory_is_one_line(capsys, error):
+    """A batch too large for the GPU is the commonest failure of a first GPU run: one line, status 5."""
+    from errors import EXIT_OUT_OF_MEMORY, run_main
+
+    def main(argv):
+        raise error
+    assert run_main(main) == EXIT_OUT_OF_MEMORY == 5
+    line, = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: out of memory ({str(error).splitlines()[0][:40]}") and "--batch_size" in line
+
+
+def test_other_runtime_errors_keep_their_traceback():
+    from errors import run_main
+
+    def main(argv):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes"):
+        run_main(main)
