@@ -422,6 +422,7 @@ def validate(cfg, new_run=True):
         (all(0 < v <= 1 for v in (cfg.lr, cfg.vae_lr, cfg.classifier_lr)), "--lr must be in (0, 1]"),
         (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2**32), got {cfg.seed}"),
         (cfg.results_dir != "", "--results_dir must not be empty"),
+        (cfg.data_root is None or cfg.data_root.strip() != "", "--data_root must not be empty"),
         (min(cfg.log_every, cfg.picture_every, cfg.checkpoint_every, cfg.max_bad_steps) >= 1,
          "--log_every, --picture_every and --checkpoint_every must be at least 1"),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),

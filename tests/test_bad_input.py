@@ -149,7 +149,9 @@ CASES = [
     case("vis_latent_space_other_vae", "visualize.py", "--mode", "latent_space", "--results_dir",
          "{latent_other_vae}", contains="latent_channels"),
     case("vis_model_path_text", "visualize.py", "--mode", "samples_grid", "--model_path", "{text}",
-         contains="not a readable checkpoint"),
+         contains="{text} is not a checkpoint: another kind of file (it begins"),
+    case("gen_data_root_empty", "generate.py", "--results_dir", "{pixel}", "--data_root", "", "--evaluate",
+         contains="--data_root must not be empty"),
     case("vis_model_path_and_results_dir", "visualize.py", "--mode", "samples_grid", "--results_dir", "{pixel}",
          "--model_path", "{latent}/conditional_diffusion_final.pt", contains="not both"),
 ]

@@ -332,7 +332,8 @@ def test_sigterm_saves_mid_epoch_and_resume_completes(data, tmp_path):
     assert "SIGTERM" in last_line and "--resume" in last_line and LAST in last_line, proc.describe()
     assert "Traceback" not in proc.stderr, proc.describe()
     state = load(run_dir / LAST)
-    assert state["epoch"] >= 2 and 0 < state["batch_in_epoch"] <= STEPS_PER_EPOCH, state["batch_in_epoch"]
+    # mid-epoch, or (the signal came during an epoch's held-out evaluation or pictures) at its end
+    assert state["epoch"] >= 2 and 0 <= state["batch_in_epoch"] <= STEPS_PER_EPOCH, state["batch_in_epoch"]
     assert state["step"] == state["epoch"] * STEPS_PER_EPOCH + state["batch_in_epoch"]
 
     total = state["epoch"] + 1

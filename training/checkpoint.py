@@ -68,6 +68,13 @@ def load_checkpoint(path, what="checkpoint"):
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if head and not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip; old files a pickle
+        raise UserError(f"{path} is not a checkpoint: another kind of file (it begins {head!r})")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
