@@ -1,8 +1,9 @@
 """Atomic file writes: a file is written under a temporary name beside its place and renamed over
 it only once complete, so a full disk, a missing permission or a crash leaves the previous file or
 the new one, never a truncated one."""
+import glob
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 
 class WriteError(OSError):
@@ -19,6 +20,9 @@ def atomic_path(path, what="file", errors=(OSError,)):
     try:
         yield tmp
         os.replace(tmp, path)
+        for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(f".{name}.tmp") + "*")):
+            with suppress(OSError):  # left by an earlier writer killed mid-write (SIGKILL, power loss)
+                os.remove(stale)
     except errors as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
         previous = f"the previous {what} is intact" if os.path.exists(path) else f"no {what} was written"

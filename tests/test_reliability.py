@@ -458,6 +458,13 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path):
     save_checkpoint({"kind": STAGE, "config": {}, "epoch": 1}, str(tmp_path / LAST))
     copy_checkpoint(str(tmp_path / LAST), str(tmp_path / FINAL))
     assert sorted(p.name for p in tmp_path.iterdir()) == [FINAL, LAST]
+    from config import write_json  # reports and pictures too
+    from viz.figures import save_grid
+    (tmp_path / ".eval.json.tmp99999999.json").write_text('{"half": ')
+    (tmp_path / ".grid.png.tmp99999999.png").write_bytes(b"\x89PNG half")
+    write_json({"a": 1}, str(tmp_path / "eval.json"))
+    save_grid(torch.zeros(1, 3, 4, 4), str(tmp_path / "grid.png"), nrow=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FINAL, LAST, "eval.json", "grid.png"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 """Checkpoints: the full training state plus the config, written atomically, read with
 weights_only=True so a file from a stranger cannot run code."""
-import glob
 import os
 import shutil
 import pickle
@@ -22,17 +21,11 @@ def save_checkpoint(state, path):
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    _settle(os.path.dirname(os.path.abspath(path)), path)
+    _durable_rename(os.path.dirname(os.path.abspath(path)))
 
 
-def _settle(folder, path):
-    """After a rename over `path`: remove the temporary files of earlier writers killed mid-write
-    (SIGKILL, power loss), and make the rename itself durable."""
-    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(f".{os.path.basename(path)}.tmp") + "*")):
-        try:
-            os.remove(stale)
-        except OSError:
-            pass
+def _durable_rename(folder):
+    """After a rename in `folder`: make the rename itself durable."""
     try:
         fd = os.open(folder, os.O_RDONLY)
         try:
@@ -49,7 +42,7 @@ def copy_checkpoint(source, path):
         shutil.copyfileobj(src, dst)
         dst.flush()
         os.fsync(dst.fileno())
-    _settle(os.path.dirname(os.path.abspath(path)), path)
+    _durable_rename(os.path.dirname(os.path.abspath(path)))
 
 
 def all_finite(state):
