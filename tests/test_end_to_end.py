@@ -324,7 +324,8 @@ def test_a_classifier_that_held_out_other_images_is_refused(latent_run, real_cla
         load_real_classifier(dataclasses.replace(cfg, val_fraction=0.3), torch.device("cpu"), real_classifier)
 
 
-def test_without_test_images_of_its_own_the_reference_accuracy_is_the_validation_one(image_folder_root, tmp_path):
+def test_without_test_images_of_its_own_the_reference_accuracy_is_the_validation_one(image_folder_root, tmp_path,
+                                                                                      capsys):
     """--val_fraction 0: the official test images are the validation split, so there is no separate
     test figure, and the offline metrics say which split their reference accuracy comes from."""
     from evaluation.evaluate import OfflineMetrics, load_real_classifier
@@ -333,6 +334,9 @@ def test_without_test_images_of_its_own_the_reference_accuracy_is_the_validation
                       "--image_size", "16", "--val_fraction", "0", "--epochs", "1", "--results_dir", run] + TINY) == 0
     report = json.load(open(os.path.join(run, "classifier_report.json")))
     assert report["heldout_images"] == 8 and "test_accuracy" not in report
+    printed = capsys.readouterr().out.splitlines()  # where the report went, and the checkpoints
+    assert os.path.join(run, "classifier_report.json") in printed
+    assert any(line.startswith(f"[classifier] saved {os.path.join(run, 'classifier_last.pt')}") for line in printed)
     cfg = Config.from_dict(json.load(open(os.path.join(run, "classifier_config.json"))))
     classifier = load_real_classifier(cfg, torch.device("cpu"), os.path.join(run, "classifier_best.pt"))
     metrics = OfflineMetrics(classifier, cfg, torch.device("cpu"), 2)

@@ -742,3 +742,16 @@ def test_a_signal_after_an_epochs_last_step_stops_the_run_there(tmp_path, total_
         fit(stage, OneBatch(), cfg, Run(str(tmp_path)), total_epochs=total_epochs)
     state = load_checkpoint(str(tmp_path / "stub_last.pt"))
     assert stage.validated == 1 and state["epoch"] == 1 and state["batch_in_epoch"] == 0
+
+
+def test_training_pictures_are_titled_with_their_epoch(monkeypatch):
+    from types import SimpleNamespace
+    import viz.figures
+    from training.denoiser import DenoiserStage
+    drawn = []
+    monkeypatch.setattr(viz.figures, "class_sample_grid", lambda pipe, path, **kwargs: drawn.append((path, kwargs)))
+    monkeypatch.setattr(viz.figures, "plot_losses", lambda *args: None)
+    stage = SimpleNamespace(pipeline=lambda: "pipe", cfg=SimpleNamespace(seed=7), kind="conditional_diffusion",
+                            run=SimpleNamespace(picture=lambda name: f"pictures/{name}", path=lambda name: name))
+    DenoiserStage.pictures(stage, 2)
+    assert drawn == [("pictures/samples_epoch0002.png", {"per_class": 8, "seed": 7, "title": "epoch 2"})]
