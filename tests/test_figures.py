@@ -232,3 +232,15 @@ def test_a_tall_figure_keeps_its_title_above_the_column_names(monkeypatch, tmp_p
     assert fig.get_suptitle() == "a title\nof two lines"
     assert fig._suptitle.get_window_extent(renderer).y0 >= fig.axes[0].get_tightbbox(renderer).y1
     close(fig)
+
+
+def test_a_long_title_is_wrapped_to_a_narrow_figure(monkeypatch, tmp_path):
+    saved, close = [], plt.close
+    monkeypatch.setattr(plt, "close", saved.append)
+    title = "dpmpp 20 steps, guidance 11 ramped linearly for sigma/alpha in (0.3, 5], seeds 0 to 2 in every row"
+    figures.labelled_rows([torch.zeros((3, 3, 32, 32))] * 2, ["cat", "dog"], tmp_path / "g.png", title=title)
+    fig, = saved
+    renderer = fig.canvas.get_renderer()
+    box = fig._suptitle.get_window_extent(renderer)
+    assert fig.get_suptitle().replace("\n", " ") == title and box.x0 >= 0 and box.x1 <= fig.bbox.width
+    close(fig)

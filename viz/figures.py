@@ -2,6 +2,7 @@
 import math
 import os
 import re
+import textwrap
 from collections import defaultdict
 
 import matplotlib
@@ -54,6 +55,8 @@ def labelled_rows(rows, row_names, path, title=None, col_names=None):
 def _save(fig, path, title=None, dpi=120):
     """Title, layout, write, and free the figure (pyplot keeps every open one)."""
     if title:  # 0.08 in from the top: tight_layout leaves it room there, not 2% of a tall figure's height down
+        width = max(20, int(fig.get_figwidth() * 12))  # characters of 10 pt text across the figure
+        title = "\n".join(textwrap.fill(line, width) for line in title.splitlines())
         fig.suptitle(title, fontsize=10, y=1 - 0.08 / fig.get_figheight())
     fig.tight_layout()
     try:
