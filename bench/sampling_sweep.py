@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--no_ema", action="store_true", help="sample with the raw weights instead of the EMA")
     p.add_argument("--amp", choices=AMP_MODES, help="sampling precision (default: the run's)")
-    p.add_argument("--out", help="JSON file (default <results_dir>/sampling_sweep.json); its plot goes beside it, .png for .json")
+    p.add_argument("--out", help="JSON file (default <results_dir>/sampling_sweep.json); its plot goes beside it, "
+                                 ".png for .json; it replaces an earlier sweep's report, never another file")
     return p.parse_args(argv)
 
 
