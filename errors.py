@@ -9,6 +9,11 @@ class UserError(Exception):
     """Bad input or a missing prerequisite, explained in one line."""
 
 
+def first_line(exc, limit=None):
+    """An exception's message cut to its first line (and `limit` characters), for one-line errors."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def offline():
     """SUITE_OFFLINE=1 forbids any download attempt (pretrained weights, datasets): on a
     firewalled machine a download can hang instead of failing."""
@@ -54,8 +59,7 @@ def run_main(main, argv=None):
         if isinstance(e, RuntimeError) and not (isinstance(e, torch.OutOfMemoryError)
                                                 or "can't allocate memory" in str(e)):
             raise
-        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        print(f"error: out of memory ({detail}): a smaller --batch_size, image size or model fits; checkpoints "
+        print(f"error: out of memory ({first_line(e, 160)}): a smaller --batch_size, image size or model fits; checkpoints "
               f"already saved are intact", file=sys.stderr)
         return EXIT_OUT_OF_MEMORY
     except StopRequested as e:

@@ -5,6 +5,8 @@ import glob
 import os
 from contextlib import contextmanager, suppress
 
+from errors import first_line
+
 
 class WriteError(OSError):
     """A file could not be written (full disk, no permission, I/O error); the previous one is intact."""
@@ -24,7 +26,7 @@ def atomic_path(path, what="file", errors=(OSError,)):
             with suppress(OSError):  # left by an earlier writer killed mid-write (SIGKILL, power loss)
                 os.remove(stale)
     except errors as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
         previous = f"the previous {what} is intact" if os.path.exists(path) else f"no {what} was written"
         raise WriteError(f"could not write {path} ({reason}); {previous}") from e
     finally:

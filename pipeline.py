@@ -12,7 +12,7 @@ from data import to_float
 from diffusion.guidance import make_denoiser
 from diffusion.samplers import sample as run_sampler
 from diffusion.schedule import NoiseSchedule
-from errors import UserError
+from errors import UserError, first_line
 from models import build_denoiser, build_vae
 from training.checkpoint import all_finite, check_compatible, load_checkpoint
 from training.optim import autocast
@@ -265,7 +265,7 @@ def load_pipeline(results_dir=None, model_path=None, device="cpu", overrides=Non
         cfg = build_config(overrides, base=cfg) if overrides is not None else validate(cfg, new_run=False)
     except (TypeError, ValueError, IndexError, AttributeError) as e:
         raise UserError(f"{path} is damaged: its config does not read ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:120]})") from None
+                        f"{first_line(e, 120)})") from None
     if cfg.is_latent:
         require_parts(stage, ("vae", "latent_shift", "latent_scale"), path, "latent denoiser")
     class_names = stage["class_names"]
@@ -281,7 +281,7 @@ def load_pipeline(results_dir=None, model_path=None, device="cpu", overrides=Non
         denoiser = build_denoiser(cfg, len(class_names), in_channels, size)
     except (TypeError, ValueError) as e:  # e.g. channel_mults edited into a string
         raise UserError(f"{path} is damaged: its config does not build a {cfg.model} ({type(e).__name__}: "
-                        f"{(str(e).splitlines() or [''])[0][:120]})") from None
+                        f"{first_line(e, 120)})") from None
     weights = stage["ema"] if use_ema else stage["model"]
     if use_ema and isinstance(weights, dict):  # AveragedModel keys: "module.<name>" plus its n_averaged counter
         weights = {k[len("module."):]: v for k, v in weights.items() if k.startswith("module.")}

@@ -25,7 +25,7 @@ import torchvision.models.inception
 from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 from torch import nn
 
-from errors import UserError, offline
+from errors import UserError, first_line, offline
 from evaluation.metrics import feature_stats, frechet_distance_from_stats, kernel_inception_distance
 
 FID_WEIGHTS_FILE = FID_WEIGHTS_URL.rsplit("/", 1)[-1]  # pt_inception-2015-12-05-6726825d.pth
@@ -35,10 +35,6 @@ MAX_CACHED_FEATURES = 10_000
 def hub_cache_weights_path() -> Path:
     """Where torch hub (and so pytorch-fid) keeps the downloaded FID Inception weights."""
     return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _load_weights_file(path: Path) -> dict:
@@ -67,7 +63,7 @@ def _resolve_fid_weights(weights_path: str | None) -> dict | None:
     try:
         return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", weights_only=True)
     except Exception as exc:  # offline, proxy, HTTP error, hash mismatch: all mean "no weights"
-        warnings.warn(f"could not download the FID Inception weights: {_first_line(exc)}")
+        warnings.warn(f"could not download the FID Inception weights: {first_line(exc)}")
         return None
 
 
@@ -121,7 +117,7 @@ def load_fid_inception(weights_path: str | None, device, allow_random: bool = Fa
     try:
         model = FIDInceptionFeatures(state_dict)
     except RuntimeError as exc:  # load_state_dict key/shape mismatch
-        raise UserError(f"the FID Inception weights given are not {FID_WEIGHTS_FILE}: {_first_line(exc)}") from exc
+        raise UserError(f"the FID Inception weights given are not {FID_WEIGHTS_FILE}: {first_line(exc)}") from exc
     model.weights_digest = "random" if state_dict is None else _weights_digest(state_dict)  # keys the real statistics' cache
     return model.to(device)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from errors import UserError
+from errors import UserError, first_line
 from training import distributed as dist
 from training.checkpoint import all_finite, save_checkpoint
 from training.run import Run
@@ -118,8 +118,8 @@ def fit(stage, batcher, cfg, run: Run, total_epochs, resume_state=None, max_minu
             stage.load_state_dict(resume_state["stage"])
             set_rng_state(resume_state["rng"])
         except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:  # a damaged or edited file
-            reason = (str(e).strip().splitlines() or [""])[0][:120]
-            raise UserError(f"the {stage.kind} checkpoint cannot be resumed: {type(e).__name__} {reason}") from None
+            raise UserError(f"the {stage.kind} checkpoint cannot be resumed: {type(e).__name__} "
+                            f"{first_line(e, 120)}") from None
         epoch, step = resume_state["epoch"], resume_state["step"]
         skip_batches, best = resume_state.get("batch_in_epoch", 0), resume_state.get("best")
         since_best = resume_state.get("epochs_since_best", 0)

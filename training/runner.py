@@ -128,8 +128,8 @@ def config_for_resume(args, checkpoint_path, default_results_dir=None, with_kind
         raise UserError(f"cannot read the config inside {checkpoint_path}: {e}") from None
     if args.results_dir is None:
         cfg.results_dir = default_results_dir or os.path.dirname(os.path.abspath(checkpoint_path))
-    field = EPOCHS_FIELD.get(state["kind"])
-    if field and field != "classifier_epochs" and getattr(args, "total_epochs", None) is not None:
+    field = EPOCHS_FIELD.get(state["kind"]) if state["kind"] != "classifier" else None  # --total_epochs: VAE or denoiser
+    if field and getattr(args, "total_epochs", None) is not None:
         if args.total_epochs <= state.get("epoch", 0):
             done = state["epoch"]
             raise UserError(f"--total_epochs {args.total_epochs}: {checkpoint_path} has already trained {done} "
